@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pyro
+import pyro.distributions as dist
+import torch
+
+from pyrovae.likelihoods import build_likelihood
+from pyrovae.nn import MLP
+from pyrovae.pair import DataSpec, LatentSite, Model
+from pyrovae.registry import MODELS
+
+
+@dataclass
+class GaussianVAEConfig:
+    latent_dim: int = 50
+    hidden: list[int] = field(default_factory=lambda: [500, 500])
+    activation: str = "tanh"
+    likelihood: str = "bernoulli"
+    # Gaussian likelihood only: a fixed observation scale, or None to learn one per feature.
+    observation_scale: float | None = None
+    batch_norm: bool = False
+    dropout: float = 0.0
+
+
+@MODELS.register("vae")
+class GaussianVAE(Model):
+    """Gaussian-latent VAE (Kingma and Welling 2014), generative half:
+
+        z_n ~ Normal(0, I_D)                          for n in data
+        x_n ~ likelihood(decoder(z_n))                 decoder = MLP: D -> hidden -> out
+
+    where ``likelihood`` is Bernoulli(logits), Gaussian(mean, sigma) or Categorical(logits).
+    """
+
+    Config = GaussianVAEConfig
+
+    def __init__(self, config: GaussianVAEConfig, data: DataSpec):
+        super().__init__(data)
+        self.config = config
+        options = {"scale": config.observation_scale} if config.likelihood == "gaussian" else {}
+        self.likelihood = build_likelihood(config.likelihood, data, **options)
+        self.decoder = MLP(
+            config.latent_dim,
+            config.hidden,
+            self.likelihood.out_features,
+            activation=config.activation,
+            batch_norm=config.batch_norm,
+            dropout=config.dropout,
+        )
+
+    @property
+    def latent_sites(self):
+        return (LatentSite("z", (self.config.latent_dim,)),)
+
+    def forward(self, x: torch.Tensor, **batch):
+        with pyro.plate("data", x.shape[0]):
+            prior = dist.Normal(x.new_zeros(()), x.new_ones(())).expand([self.config.latent_dim]).to_event(1)
+            z = pyro.sample("z", prior)
+            pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)

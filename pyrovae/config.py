@@ -1,0 +1,233 @@
+"""TOML experiments: parse, apply ``--set`` overrides, type-check, fill defaults.
+
+An experiment has top-level ``seed`` and the tables ``[data] [model] [guide]
+[objective] [anneal] [train] [evaluate]``. The part tables name their part with
+``name`` (a registered short name or ``"package.module:Attribute"``); their other
+keys are checked against the part's config dataclass (``Config`` attribute) or the
+signature of its constructor, so every wrong key, missing key or wrong type is a
+:class:`ConfigError` that names the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pyrovae.errors import ConfigError
+from pyrovae.registry import DATASETS, GUIDES, MODELS, OBJECTIVES, SCHEDULES
+from pyrovae.train.loop import TrainConfig
+
+PART_REGISTRIES = {"data": DATASETS, "model": MODELS, "guide": GUIDES, "objective": OBJECTIVES, "anneal": SCHEDULES}
+DEFAULT_PARTS = {"guide": "diag_normal", "objective": "elbo", "anneal": "constant"}
+
+
+@dataclass
+class EvaluateConfig:
+    # Importance samples per example for the test log-likelihood.
+    particles: int = 5000
+    # Evaluate on the first this-many test examples (0: all).
+    test_examples: int = 0
+    batch_size: int = 100
+    # Which parameters the test metrics use: the best on validation, or the last epoch's.
+    checkpoint: str = "best"
+
+    def __post_init__(self):
+        if self.checkpoint not in ("best", "latest"):
+            raise ValueError(f"evaluate.checkpoint must be 'best' or 'latest', got {self.checkpoint!r}")
+        if self.particles < 1:
+            raise ValueError(f"evaluate.particles must be >= 1, got {self.particles}")
+
+
+FIXED_SECTIONS = {"train": TrainConfig, "evaluate": EvaluateConfig}
+TOP_LEVEL = {"seed": int, "description": str}
+
+
+def describe(annotation) -> str:
+    if annotation is inspect.Parameter.empty or annotation is Any:
+        return "any value"
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(describe(a) for a in typing.get_args(annotation))
+    if origin is list:
+        (item,) = typing.get_args(annotation) or (Any,)
+        return f"a list of {describe(item)}"
+    if annotation is type(None):
+        return "none (leave the key out)"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a table"}.get(
+        annotation, getattr(annotation, "__name__", str(annotation))
+    )
+
+
+def conforms(value, annotation) -> bool:
+    if annotation is inspect.Parameter.empty or annotation is Any:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(conforms(value, a) for a in typing.get_args(annotation))
+    if origin in (list, tuple, typing.Sequence):
+        args = typing.get_args(annotation)
+        return isinstance(value, (list, tuple)) and all(conforms(v, args[0]) for v in value) if args else isinstance(value, (list, tuple))
+    if origin is dict:
+        return isinstance(value, dict)
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(annotation, type):
+        return isinstance(value, annotation)
+    return True
+
+
+def option_fields(target) -> dict[str, tuple[Any, Any]]:
+    """name -> (annotation, default or inspect.Parameter.empty) for a part's options."""
+    config_class = getattr(target, "Config", None)
+    if dataclasses.is_dataclass(target):
+        config_class = target
+    if config_class is not None:
+        hints = typing.get_type_hints(config_class)
+        fields = {}
+        for f in dataclasses.fields(config_class):
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            else:
+                default = inspect.Parameter.empty
+            fields[f.name] = (hints.get(f.name, Any), default)
+        return fields
+    function = target.__init__ if inspect.isclass(target) else target
+    hints = typing.get_type_hints(function)
+    return {
+        name: (hints.get(name, Any), parameter.default)
+        for name, parameter in inspect.signature(function).parameters.items()
+        if name not in ("self", "data", "model", "config") and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
+    }
+
+
+def _accepts_int(annotation) -> bool:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_accepts_int(a) for a in typing.get_args(annotation))
+    return annotation in (int, Any, inspect.Parameter.empty)
+
+
+def check_options(section: str, label: str, options: dict, fields: dict) -> dict:
+    """Type-check ``options`` against ``fields``; return them with defaults filled in."""
+    for key in options:
+        if key not in fields:
+            raise ConfigError(f"[{section}] unknown key {key!r} for {label}; expected one of: {', '.join(fields) or '(none)'}")
+    resolved = {}
+    for key, (annotation, default) in fields.items():
+        if key not in options:
+            if default is inspect.Parameter.empty:
+                raise ConfigError(f"[{section}] missing required key {key!r} for {label} ({describe(annotation)})")
+            resolved[key] = default
+            continue
+        value = options[key]
+        if not conforms(value, annotation):
+            raise ConfigError(
+                f"[{section}] {key} = {value!r}: expected {describe(annotation)} for {label}, got {type(value).__name__}"
+            )
+        if isinstance(value, int) and not isinstance(value, bool) and not _accepts_int(annotation):
+            value = float(value)  # an integer where only a number fits: 1 -> 1.0
+        resolved[key] = value
+    return resolved
+
+
+def parse_override(assignment: str) -> tuple[list[str], Any]:
+    """``section.key=value`` with value in TOML syntax; a bare word is taken as a string."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected section.key=value")
+    path, _, text = assignment.partition("=")
+    try:
+        value = tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    return path.strip().split("."), value
+
+
+def apply_overrides(config: dict, assignments: list[str]) -> dict:
+    config = json.loads(json.dumps(config))  # deep copy of plain data
+    for assignment in assignments:
+        keys, value = parse_override(assignment)
+        table = config
+        for key in keys[:-1]:
+            table = table.setdefault(key, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"--set {assignment!r}: {key!r} is not a table")
+        table[keys[-1]] = value
+    return config
+
+
+def load_toml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"experiment file {path} does not exist")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML ({error})") from None
+
+
+def resolve_config(raw: dict) -> dict:
+    """Validate a raw experiment dict and return it with every default written out."""
+    known = set(TOP_LEVEL) | set(PART_REGISTRIES) | set(FIXED_SECTIONS)
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"unknown top-level key {key!r}; expected one of: {', '.join(sorted(known))}")
+    resolved: dict[str, Any] = {"seed": raw.get("seed", 0)}
+    if not conforms(resolved["seed"], int):
+        raise ConfigError(f"seed = {resolved['seed']!r}: expected an integer")
+    if "description" in raw:
+        resolved["description"] = str(raw["description"])
+    for section, registry in PART_REGISTRIES.items():
+        table = raw.get(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"[{section}] must be a table, got {type(table).__name__}")
+        table = dict(table)
+        name = table.pop("name", DEFAULT_PARTS.get(section))
+        if name is None:
+            raise ConfigError(f"[{section}] missing required key 'name' (a registered {registry.kind} or 'package.module:Name')")
+        target = registry.resolve(name, f"[{section}] name")
+        resolved[section] = {"name": name, **check_options(section, f"{registry.kind} {name!r}", table, option_fields(target))}
+    for section, config_class in FIXED_SECTIONS.items():
+        table = raw.get(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"[{section}] must be a table, got {type(table).__name__}")
+        options = check_options(section, section, table, option_fields(config_class))
+        try:
+            config_class(**options)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        resolved[section] = options
+    return resolved
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value) if abs(value) != float("inf") and value == value else str(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} to TOML")
+
+
+def dump_toml(config: dict) -> str:
+    """Write a resolved config (scalars, then one level of tables) as TOML. None values are left out."""
+    lines = [f"{key} = {_toml_value(value)}" for key, value in config.items() if not isinstance(value, dict) and value is not None]
+    for section, table in config.items():
+        if isinstance(table, dict):
+            lines.append(f"\n[{section}]")
+            lines.extend(f"{key} = {_toml_value(value)}" for key, value in table.items() if value is not None)
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,142 @@
+"""Image data sets: scikit-learn's 8x8 digits (offline, the default) and MNIST /
+Fashion-MNIST from standard IDX ``.gz`` files in a local directory."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pyrovae.data.splits import DataSplits, make_splits
+from pyrovae.errors import DataError
+from pyrovae.pair import DataSpec
+from pyrovae.registry import DATASETS
+
+IDX_FILES = {
+    "train_images": "train-images-idx3-ubyte.gz",
+    "train_labels": "train-labels-idx1-ubyte.gz",
+    "test_images": "t10k-images-idx3-ubyte.gz",
+    "test_labels": "t10k-labels-idx1-ubyte.gz",
+}
+MIRRORS = {
+    "mnist": ["https://ossci-datasets.s3.amazonaws.com/mnist/", "https://storage.googleapis.com/cvdf-datasets/mnist/"],
+    "fashion-mnist": ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"],
+}
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an IDX file (gzip-compressed or not): magic 0x0000TTNN, NN big-endian uint32 dims, data."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as handle:
+        raw = handle.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise DataError(f"{path} is not an IDX file (bad magic number)")
+    dtype, ndim = np.dtype(_IDX_DTYPES[raw[2]]), raw[3]
+    dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+    expected = int(np.prod(dims)) * dtype.itemsize
+    body = raw[4 + 4 * ndim :]
+    if len(body) != expected:
+        raise DataError(f"{path}: header says {dims} ({expected} bytes) but the file holds {len(body)} bytes")
+    return np.frombuffer(body, dtype=dtype).reshape(dims)
+
+
+def download_idx(directory: str | Path, kind: str = "mnist") -> None:
+    """Fetch the four IDX files of ``kind`` into ``directory`` (for users who are online)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for filename in IDX_FILES.values():
+        target = directory / filename
+        if target.exists():
+            continue
+        errors = []
+        for mirror in MIRRORS[kind]:
+            try:
+                partial = target.with_suffix(".part")
+                urllib.request.urlretrieve(mirror + filename, partial)
+                partial.replace(target)
+                break
+            except OSError as error:
+                errors.append(f"{mirror}: {error}")
+        else:
+            raise DataError(f"could not download {filename}: " + "; ".join(errors))
+
+
+def load_idx_images(directory: str | Path, kind: str = "mnist", download: bool = False):
+    """(train_x, train_y, test_x, test_y) with images as float32 in [0, 1], shape (N, 28, 28)."""
+    directory = Path(directory).expanduser()
+    missing = [name for name in IDX_FILES.values() if not (directory / name).exists()]
+    if missing and download:
+        download_idx(directory, kind)
+    elif missing:
+        raise DataError(
+            f"{kind}: missing {', '.join(missing)} in {directory.resolve()}; "
+            f"set data.dir to a folder with the IDX files, or data.download = true to fetch them"
+        )
+    arrays = {key: read_idx(directory / name) for key, name in IDX_FILES.items()}
+    for split in ("train", "test"):
+        if len(arrays[f"{split}_images"]) != len(arrays[f"{split}_labels"]):
+            raise DataError(f"{kind}: {split} images and labels differ in count")
+    to_images = lambda a: torch.from_numpy(a.astype(np.float32) / 255.0)  # noqa: E731
+    to_labels = lambda a: torch.from_numpy(a.astype(np.int64))  # noqa: E731
+    return (
+        to_images(arrays["train_images"]),
+        to_labels(arrays["train_labels"]),
+        to_images(arrays["test_images"]),
+        to_labels(arrays["test_labels"]),
+    )
+
+
+def _image_splits(name, train_x, train_y, test_x, test_y, validation, binarize, seed) -> DataSplits:
+    image_shape = tuple(train_x.shape[1:])
+    features = int(np.prod(image_shape))
+    spec = DataSpec(name=name, x_shape=(features,), support="unit_interval", image_shape=image_shape, num_classes=10)
+    train = {"x": train_x.reshape(len(train_x), features), "y": train_y}
+    test = {"x": test_x.reshape(len(test_x), features), "y": test_y}
+    return make_splits(spec, train, test, validation=validation, binarize=binarize, seed=seed)
+
+
+@DATASETS.register("mnist")
+def mnist(
+    dir: str = "~/.cache/pyrovae/mnist",
+    binarize: str = "dynamic",
+    validation: float = 10000,
+    download: bool = False,
+    seed: int = 0,
+) -> DataSplits:
+    """MNIST (LeCun et al.) from IDX files: 60,000 train (less ``validation``), 10,000 test."""
+    return _image_splits("mnist", *load_idx_images(dir, "mnist", download), validation, binarize, seed)
+
+
+@DATASETS.register("fashion-mnist")
+def fashion_mnist(
+    dir: str = "~/.cache/pyrovae/fashion-mnist",
+    binarize: str = "dynamic",
+    validation: float = 10000,
+    download: bool = False,
+    seed: int = 0,
+) -> DataSplits:
+    """Fashion-MNIST (Xiao et al. 2017), same layout as MNIST."""
+    return _image_splits("fashion-mnist", *load_idx_images(dir, "fashion-mnist", download), validation, binarize, seed)
+
+
+@DATASETS.register("digits")
+def digits(binarize: str = "dynamic", validation: float = 0.1, test: float = 0.2, seed: int = 0) -> DataSplits:
+    """scikit-learn's handwritten digits (1,797 images of 8x8, grey levels 0..16), shipped with
+    scikit-learn, so it works offline. A ``test`` fraction is held out with a fixed seed."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = torch.from_numpy(bunch.images.astype(np.float32) / 16.0)
+    labels = torch.from_numpy(bunch.target.astype(np.int64))
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed + 100))
+    test_size = int(round(test * len(images)))
+    test_index, train_index = order[:test_size], order[test_size:]
+    return _image_splits(
+        "digits", images[train_index], labels[train_index], images[test_index], labels[test_index], validation, binarize, seed
+    )

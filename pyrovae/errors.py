@@ -1,0 +1,17 @@
+"""The errors pyrovae raises on purpose, each with a message that names the culprit."""
+
+
+class ConfigError(ValueError):
+    """A TOML experiment or a constructor argument is wrong: unknown key, missing key, wrong type."""
+
+
+class DataError(ValueError):
+    """Data does not fit the model: wrong shape, values outside the likelihood's support."""
+
+
+class PairMismatchError(ValueError):
+    """A guide's sample sites do not match the latent sites its model declares."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training kept producing non-finite losses after the allowed number of recoveries."""

@@ -1,0 +1,5 @@
+"""Neural building blocks in plain torch. They know nothing of Pyro."""
+
+from pyrovae.nn.mlp import MLP, activation_layer
+
+__all__ = ["MLP", "activation_layer"]

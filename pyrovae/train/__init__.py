@@ -1,0 +1,17 @@
+"""The fit loop, checkpoints and evaluation on a split."""
+
+from pyrovae.train.checkpoint import BEST, LATEST, load_checkpoint, save_checkpoint
+from pyrovae.train.loop import FitResult, TrainConfig, TrainState, evaluate_objective, fit, resolve_device
+
+__all__ = [
+    "BEST",
+    "LATEST",
+    "FitResult",
+    "TrainConfig",
+    "TrainState",
+    "evaluate_objective",
+    "fit",
+    "load_checkpoint",
+    "resolve_device",
+    "save_checkpoint",
+]

@@ -1,0 +1,337 @@
+"""The fit loop: the same for every VAE. It only calls ``objective(model, guide, batch)``.
+
+It owns the torch optimizer (one, with a ``"model"`` and a ``"guide"`` parameter
+group, so a guide-only step is ``optimizer_step(groups=("guide",))``), the device,
+the KL schedule (applied through :class:`~pyrovae.handlers.kl_scale`), gradient
+clipping, recovery from non-finite losses, validation every epoch, atomic
+checkpoints (latest and best), resume, early stopping and the progress bar.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pyro
+import torch
+from pyro.infer.util import is_validation_enabled
+from tqdm.auto import tqdm
+
+from pyrovae.data.splits import DataSplits
+from pyrovae.errors import NonFiniteLossError
+from pyrovae.handlers import kl_scale
+from pyrovae.pair import check_pair
+from pyrovae.schedules import Constant
+from pyrovae.train.checkpoint import BEST, LATEST, append_jsonl, load_checkpoint, save_checkpoint, write_jsonl
+
+OPTIMIZERS = {
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "rmsprop": torch.optim.RMSprop,
+    "sgd": torch.optim.SGD,
+}
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    # Multiply the learning rates by this factor after every epoch (1: constant).
+    lr_decay: float = 1.0
+    # Learning rate of the guide's parameter group; None means the same as lr.
+    guide_lr: float | None = None
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    # Clip the global gradient norm (of the per-datapoint loss); 0 turns clipping off.
+    clip_norm: float = 100.0
+    device: str = "auto"
+    # Early stopping: stop after this many epochs without a better validation ELBO (0: never).
+    patience: int = 0
+    # Non-finite loss or gradient: restore the epoch-start state and halve the learning rate,
+    # at most this many times in a run.
+    max_nonfinite_retries: int = 3
+    # Run the first step with Pyro's and torch's argument validation on (clear shape errors),
+    # then switch it off for speed.
+    validate_first_step: bool = True
+    # Refresh the progress bar's loss every this many steps (each refresh reads the device once).
+    log_every: int = 50
+    # Evaluate on at most this many validation examples per epoch (0: all).
+    valid_examples: int = 0
+
+    def __post_init__(self):
+        checks = {
+            "epochs": self.epochs >= 1,
+            "batch_size": self.batch_size >= 1,
+            "lr": self.lr > 0,
+            "lr_decay": 0 < self.lr_decay <= 1,
+            "optimizer": self.optimizer in OPTIMIZERS,
+            "device": self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+            "max_nonfinite_retries": self.max_nonfinite_retries >= 0,
+        }
+        for key, ok in checks.items():
+            if not ok:
+                allowed = {"optimizer": f" (one of {', '.join(OPTIMIZERS)})", "device": " (auto, cpu or cuda)"}
+                raise ValueError(f"train.{key} = {getattr(self, key)!r} is not allowed{allowed.get(key, '')}")
+
+
+@dataclass
+class TrainState:
+    """Everything besides tensors that a resumed run needs to continue exactly."""
+
+    epoch: int = 0  # completed epochs
+    step: int = 0  # completed optimizer steps
+    best_valid_elbo: float = -math.inf
+    best_epoch: int = -1
+    epochs_without_improvement: int = 0
+    nonfinite_retries: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class FitResult:
+    state: TrainState
+    stopped_early: bool
+    device: torch.device
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device = {name!r} but CUDA is not available; use 'auto' or 'cpu'")
+    return device
+
+
+def make_optimizer(model, guide, config: TrainConfig) -> torch.optim.Optimizer:
+    groups = [
+        {"params": list(model.parameters()), "name": "model", "lr": config.lr},
+        {"params": list(guide.parameters()), "name": "guide", "lr": config.guide_lr or config.lr},
+    ]
+    return OPTIMIZERS[config.optimizer](groups, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def evaluate_objective(model, guide, objective, data: DataSplits, split: str, batch_size: int, limit=None) -> dict[str, float]:
+    """Average per-datapoint metrics of ``objective`` over a split, without annealing or gradients."""
+    was_training = model.training, guide.training
+    model.eval()
+    guide.eval()
+    totals: dict[str, torch.Tensor] = {}
+    count = 0
+    with torch.no_grad():
+        for batch in data.batches(split, batch_size, limit=limit):
+            n = batch["x"].shape[0]
+            _, metrics = objective(model, guide, batch)
+            for key, value in metrics.items():
+                totals[key] = totals.get(key, 0.0) + value * n
+            count += n
+    model.train(was_training[0])
+    guide.train(was_training[1])
+    return {key: float(value) / count for key, value in totals.items()}
+
+
+class _NonFinite(Exception):
+    def __init__(self, step: int, terms: list[str]):
+        self.step, self.terms = step, terms
+
+
+def fit(
+    model,
+    guide,
+    objective: Callable,
+    data: DataSplits,
+    config: TrainConfig,
+    *,
+    anneal: Callable[[int], float] | None = None,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    fingerprint: dict | None = None,
+) -> FitResult:
+    """Train ``model`` and ``guide`` in place for ``config.epochs`` epochs (in total, counting
+    epochs done before a resume).
+
+    With ``run_dir``, writes ``checkpoints/latest.pt`` (every epoch), ``checkpoints/best.pt``
+    (best validation ELBO) and ``metrics.jsonl`` (one record per epoch). With ``resume=True``
+    it restores parameters, optimizer state, schedule step, RNG state and epoch from
+    ``latest.pt`` and continues as if never stopped. ``fingerprint`` (e.g. the resolved config)
+    is stored in checkpoints.
+    """
+    anneal = anneal or Constant(1.0)
+    device = resolve_device(config.device)
+    model.to(device)
+    guide.to(device)
+    data = data.to(device)
+    optimizer = make_optimizer(model, guide, config)
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    state = TrainState()
+    checkpoint_dir = Path(run_dir) / "checkpoints" if run_dir is not None else None
+    metrics_path = Path(run_dir) / "metrics.jsonl" if run_dir is not None else None
+
+    if resume:
+        if checkpoint_dir is None or not (checkpoint_dir / LATEST).exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint_dir / LATEST if checkpoint_dir else '(no run dir)'}")
+        saved = load_checkpoint(checkpoint_dir / LATEST, device)
+        model.load_state_dict(saved["model"])
+        guide.load_state_dict(saved["guide"])
+        optimizer.load_state_dict(saved["optimizer"])
+        state = TrainState(**saved["state"])
+        _set_rng_state(saved["rng"])
+        write_jsonl(state.history, metrics_path)  # drop records written after this checkpoint
+    elif metrics_path is not None:
+        metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        metrics_path.write_text("")
+
+    first = next(data.batches("train", min(config.batch_size, 64)))
+    model.check_batch(first)
+    check_pair(model, guide, first)
+
+    def checkpoint_state() -> dict:
+        return {
+            "model": model.state_dict(),
+            "guide": guide.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "state": asdict(state),
+            "rng": _rng_state(),
+            "fingerprint": fingerprint,
+        }
+
+    steps_per_epoch = data.num_batches("train", config.batch_size)
+    bar = tqdm(
+        total=steps_per_epoch * config.epochs,
+        initial=steps_per_epoch * state.epoch,
+        disable=not progress,
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+    )
+    stopped_early = False
+    validation_was_on = is_validation_enabled()
+    first_step = state.step == 0 and config.validate_first_step
+    _set_validation(first_step)
+    try:
+        while state.epoch < config.epochs:
+            # The learning rate is a function of the epoch and the recoveries so far, so a resumed
+            # run sets the same one.
+            for group, base in zip(optimizer.param_groups, base_lrs):
+                group["lr"] = base * config.lr_decay**state.epoch * 0.5**state.nonfinite_retries
+            snapshot = copy.deepcopy(checkpoint_state())
+            started = time.perf_counter()
+            try:
+                train_metrics = _run_epoch(model, guide, objective, data, config, optimizer, parameters, anneal, state, bar)
+            except _NonFinite as failure:
+                state.nonfinite_retries += 1
+                if state.nonfinite_retries > config.max_nonfinite_retries:
+                    raise NonFiniteLossError(
+                        f"training stopped: non-finite {', '.join(failure.terms)} at step {failure.step} "
+                        f"(epoch {state.epoch + 1}) after {config.max_nonfinite_retries} recoveries, each restoring "
+                        f"the epoch-start state and halving the learning rate "
+                        f"(last {optimizer.param_groups[0]['lr']:.3g}); lower train.lr, set train.clip_norm, "
+                        f"or check the data and the model's scales"
+                    ) from None
+                retries = state.nonfinite_retries
+                model.load_state_dict(snapshot["model"])
+                guide.load_state_dict(snapshot["guide"])
+                optimizer.load_state_dict(snapshot["optimizer"])
+                state = TrainState(**snapshot["state"])
+                state.nonfinite_retries = retries
+                bar.n = steps_per_epoch * state.epoch
+                bar.write(
+                    f"non-finite {', '.join(failure.terms)} at step {failure.step}: restored epoch {state.epoch + 1} "
+                    f"start, learning rate halved to {optimizer.param_groups[0]['lr'] / 2:.3g} "
+                    f"(recovery {retries}/{config.max_nonfinite_retries})"
+                )
+                continue
+            _set_validation(False)
+            valid_metrics = evaluate_objective(
+                model, guide, objective, data, "valid", config.batch_size, limit=config.valid_examples or None
+            )
+            state.epoch += 1
+            record = {
+                "epoch": state.epoch,
+                "step": state.step,
+                "beta": anneal(state.step),
+                "lr": optimizer.param_groups[0]["lr"],
+                "seconds": round(time.perf_counter() - started, 3),
+                **{f"train/{k}": v for k, v in train_metrics.items()},
+                **{f"valid/{k}": v for k, v in valid_metrics.items()},
+            }
+            state.history.append(record)
+            improved = valid_metrics["elbo"] > state.best_valid_elbo
+            if improved:
+                state.best_valid_elbo, state.best_epoch = valid_metrics["elbo"], state.epoch
+                state.epochs_without_improvement = 0
+            else:
+                state.epochs_without_improvement += 1
+            if checkpoint_dir is not None:
+                saved = checkpoint_state()
+                if improved:
+                    save_checkpoint(saved, checkpoint_dir / BEST)
+                save_checkpoint(saved, checkpoint_dir / LATEST)
+                append_jsonl(record, metrics_path)
+            bar.set_postfix(epoch=state.epoch, valid_elbo=f"{valid_metrics['elbo']:.2f}")
+            if config.patience and state.epochs_without_improvement >= config.patience:
+                stopped_early = True
+                bar.write(f"early stopping at epoch {state.epoch}: no better validation ELBO for {config.patience} epochs")
+                break
+    finally:
+        bar.close()
+        _set_validation(validation_was_on)
+    return FitResult(state=state, stopped_early=stopped_early, device=device)
+
+
+def _set_validation(on: bool) -> None:
+    pyro.enable_validation(on)
+    torch.distributions.Distribution.set_default_validate_args(on)
+
+
+def _run_epoch(model, guide, objective, data, config, optimizer, parameters, anneal, state, bar) -> dict[str, float]:
+    model.train()
+    guide.train()
+    totals: dict[str, torch.Tensor] = {}
+    batches = 0
+    clip = config.clip_norm if config.clip_norm > 0 else math.inf
+    for batch in data.batches("train", config.batch_size, shuffle=True):
+        with kl_scale(anneal(state.step)):
+            loss, metrics = objective(model, guide, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, clip)
+        if not bool(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)):
+            terms = [name for name, value in metrics.items() if not torch.isfinite(value)]
+            if not torch.isfinite(loss.detach()):
+                terms.append("loss")
+            if not torch.isfinite(grad_norm):
+                terms.append("gradient")
+            raise _NonFinite(state.step, terms)
+        optimizer.step()
+        if state.step == 0:
+            _set_validation(False)
+        state.step += 1
+        batches += 1
+        metrics = dict(metrics, loss=loss.detach())
+        for key, value in metrics.items():
+            totals[key] = totals.get(key, 0.0) + value
+        bar.update(1)
+        if state.step % config.log_every == 0 and not bar.disable:
+            bar.set_postfix(loss=f"{float(totals['loss']) / batches:.3f}", beta=f"{anneal(state.step):.3g}")
+    return {key: float(value) / batches for key, value in totals.items()}
