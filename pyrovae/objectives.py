@@ -115,6 +115,12 @@ class ELBO(Objective):
                 if log_r is None:
                     log_r = _compute_log_r(model_trace, guide_trace)
                 surrogate = surrogate + (log_r.sum_to(site["cond_indep_stack"]) * score_function_term).sum()
+        if log_r is not None:
+            # Score-function terms change the surrogate's value, not just its gradient: report
+            # the (annealed) ELBO itself, as Trace_ELBO does, with the surrogate's gradient.
+            value = sum(site["log_prob_sum"] for _, site in latent_sites(model_trace) + observed_sites(model_trace))
+            value = value - sum(site["log_prob_sum"] for _, site in latent_sites(guide_trace))
+            surrogate = surrogate + (value - surrogate).detach()
         count = _batch_size(batch) * (self.particles or 1)
         metrics = _summed_metrics(model_trace, guide_trace, _monte_carlo_kl(model_trace, guide_trace), count)
         return -surrogate / count, metrics

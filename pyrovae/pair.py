@@ -113,7 +113,9 @@ def check_pair(model: Model, guide: Guide, batch: Mapping[str, torch.Tensor]) ->
     """
     model_name, guide_name = type(model).__name__, type(guide).__name__
     declared = {site.name: site for site in model.latent_sites}
-    with torch.no_grad(), poutine.block():
+    from pyrovae.traces import preserved_rng
+
+    with torch.no_grad(), poutine.block(), preserved_rng():
         guide_trace = poutine.trace(guide).get_trace(**batch)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(**batch)
     guide_sites = _sample_sites(prune_subsample_sites(guide_trace))

@@ -30,9 +30,15 @@ def observed_sites(trace):
     return [(name, site) for name, site in trace.nodes.items() if site["type"] == "sample" and site["is_observed"]]
 
 
+def preserved_rng():
+    """Run a look-ahead (a check, a plate-depth guess) without moving the random streams, so a
+    resumed run draws exactly what an unbroken one would have."""
+    return torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_available() else [])
+
+
 def guess_max_plate_nesting(model, guide, batch: Mapping[str, torch.Tensor]) -> int:
     """Deepest stack of vectorized plates over the sample sites of one run of the pair."""
-    with torch.no_grad(), poutine.block():
+    with torch.no_grad(), poutine.block(), preserved_rng():
         guide_trace = poutine.trace(guide).get_trace(**batch)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(**batch)
     depth = 0

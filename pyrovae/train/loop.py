@@ -26,6 +26,7 @@ from pyrovae.errors import NonFiniteLossError
 from pyrovae.handlers import kl_scale
 from pyrovae.pair import check_pair
 from pyrovae.schedules import Constant
+from pyrovae.traces import preserved_rng
 from pyrovae.train.checkpoint import BEST, LATEST, append_jsonl, load_checkpoint, save_checkpoint, write_jsonl
 
 OPTIMIZERS = {
@@ -201,9 +202,10 @@ def fit(
         metrics_path.parent.mkdir(parents=True, exist_ok=True)
         metrics_path.write_text("")
 
-    first = next(data.batches("train", min(config.batch_size, 64)))
-    model.check_batch(first)
-    check_pair(model, guide, first)
+    with preserved_rng():  # a dynamically binarized batch draws random numbers
+        first = next(data.batches("train", min(config.batch_size, 64)))
+        model.check_batch(first)
+        check_pair(model, guide, first)
 
     def checkpoint_state() -> dict:
         return {

@@ -1,0 +1,43 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+import pyrovae  # noqa: F401  (switches Pyro to module-local parameters)
+from pyrovae.guides import DiagonalNormalGuide, DiagonalNormalGuideConfig
+from pyrovae.models import GaussianVAE, GaussianVAEConfig
+from pyrovae.pair import DataSpec
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def tiny_pair(features=12, latent_dim=3, hidden=(16,), likelihood="bernoulli", **model_options):
+    spec = DataSpec("tiny", (features,), "binary" if likelihood == "bernoulli" else "real")
+    model = GaussianVAE(GaussianVAEConfig(latent_dim=latent_dim, hidden=list(hidden), likelihood=likelihood, **model_options), spec)
+    guide = DiagonalNormalGuide(DiagonalNormalGuideConfig(hidden=list(hidden)), spec, model)
+    return model, guide
+
+
+@pytest.fixture
+def binary_batch():
+    generator = torch.Generator().manual_seed(0)
+    return {"x": torch.bernoulli(torch.full((32, 12), 0.3), generator=generator)}
+
+
+def tiny_experiment(**overrides):
+    """A digits experiment small enough for unit tests (a few seconds)."""
+    config = {
+        "seed": 0,
+        "data": {"name": "digits"},
+        "model": {"name": "vae", "latent_dim": 4, "hidden": [32]},
+        "guide": {"name": "diag_normal", "hidden": [32]},
+        "objective": {"name": "elbo"},
+        "train": {"epochs": 3, "batch_size": 128, "lr": 3e-3},
+        "evaluate": {"particles": 20},
+    }
+    for section, values in overrides.items():
+        if isinstance(values, dict):
+            config.setdefault(section, {}).update(values)
+        else:
+            config[section] = values
+    return config

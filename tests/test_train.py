@@ -1,0 +1,103 @@
+import json
+import re
+import math
+
+import pytest
+import torch
+
+from pyrovae.errors import NonFiniteLossError
+from pyrovae.experiment import Experiment
+from pyrovae.objectives import ELBO
+from pyrovae.train import LATEST, TrainConfig, fit, load_checkpoint
+from tests.conftest import tiny_experiment
+
+
+def parameters(experiment):
+    return {**{f"model.{k}": v for k, v in experiment.model.state_dict().items()}, **{f"guide.{k}": v for k, v in experiment.guide.state_dict().items()}}
+
+
+def test_resume_gives_the_same_parameters_as_an_unbroken_run(tmp_path):
+    config = tiny_experiment(train={"epochs": 4}, anneal={"name": "linear", "warmup_steps": 25})
+    straight = Experiment.from_config(config)
+    straight.train(tmp_path / "straight", progress=False)
+    straight_latest = load_checkpoint(tmp_path / "straight" / "checkpoints" / LATEST)
+
+    first = Experiment.from_config(tiny_experiment(train={"epochs": 2}, anneal={"name": "linear", "warmup_steps": 25}))
+    first.train(tmp_path / "split", progress=False)
+    second = Experiment.from_config(config)
+    second.train(tmp_path / "split", resume=True, progress=False)
+    split_latest = load_checkpoint(tmp_path / "split" / "checkpoints" / LATEST)
+
+    assert split_latest["state"]["epoch"] == straight_latest["state"]["epoch"] == 4
+    assert split_latest["state"]["step"] == straight_latest["state"]["step"]
+    for part in ("model", "guide"):
+        for name, tensor in straight_latest[part].items():
+            assert torch.equal(tensor, split_latest[part][name]), f"{part}.{name} differs after resume"
+    records = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4]
+    straight_records = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["valid/elbo"] for r in records] == [r["valid/elbo"] for r in straight_records]
+
+
+def test_resume_refuses_a_different_experiment(tmp_path):
+    Experiment.from_config(tiny_experiment(train={"epochs": 1})).train(tmp_path, progress=False)
+    from pyrovae.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.latent_dim"):
+        Experiment.from_config(tiny_experiment(model={"latent_dim": 5})).train(tmp_path, resume=True, progress=False)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        Experiment.from_config(tiny_experiment()).train(tmp_path, progress=False)
+
+
+class FlakyELBO(ELBO):
+    """An ELBO whose training loss turns NaN at chosen training calls."""
+
+    def __init__(self, bad_calls):
+        super().__init__()
+        self.bad_calls, self.training_calls = set(bad_calls), 0
+
+    def __call__(self, model, guide, batch):
+        loss, metrics = super().__call__(model, guide, batch)
+        if torch.is_grad_enabled():
+            self.training_calls += 1
+            if self.training_calls in self.bad_calls or "always" in self.bad_calls and self.training_calls > 3:
+                loss = loss * float("nan")
+                metrics = dict(metrics, reconstruction=metrics["reconstruction"] * float("nan"))
+        return loss, metrics
+
+
+def test_a_nonfinite_loss_mid_run_is_recovered(tmp_path):
+    experiment = Experiment.from_config(tiny_experiment(train={"epochs": 3}))
+    config = experiment.train_config
+    result = fit(experiment.model, experiment.guide, FlakyELBO({15}), experiment.data, config, run_dir=tmp_path, progress=False)
+    assert result.state.epoch == 3
+    assert result.state.nonfinite_retries == 1
+    # The failed epoch was redone from its start at half the learning rate.
+    assert [r["lr"] for r in result.state.history] == [config.lr, config.lr / 2, config.lr / 2]
+    assert all(math.isfinite(r["valid/elbo"]) for r in result.state.history)
+    assert all(torch.isfinite(p).all() for p in experiment.model.parameters())
+
+
+def test_persistent_nonfinite_losses_stop_with_a_clear_message(tmp_path):
+    experiment = Experiment.from_config(tiny_experiment(train={"epochs": 3, "max_nonfinite_retries": 2}))
+    with pytest.raises(NonFiniteLossError) as failure:
+        fit(experiment.model, experiment.guide, FlakyELBO({"always"}), experiment.data, experiment.train_config, progress=False)
+    message = str(failure.value)
+    assert "reconstruction" in message and "loss" in message
+    assert re.search(r"at step \d+ \(epoch 1\) after 2 recoveries", message), message
+
+
+def test_early_stopping_and_checkpoints(tmp_path):
+    experiment = Experiment.from_config(tiny_experiment(train={"epochs": 50, "patience": 1, "lr": 0.3}))
+    result = fit(experiment.model, experiment.guide, experiment.objective, experiment.data, experiment.train_config, run_dir=tmp_path, progress=False)
+    assert result.stopped_early and result.state.epoch < 50
+    best = load_checkpoint(tmp_path / "checkpoints" / "best.pt")
+    assert best["state"]["epoch"] == result.state.best_epoch
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+
+
+def test_train_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="train.optimizer"):
+        TrainConfig(optimizer="adamax2")
+    with pytest.raises(ValueError, match="train.device"):
+        TrainConfig(device="tpu")
