@@ -117,28 +117,31 @@ def check_pair(model: Model, guide: Guide, batch: Mapping[str, torch.Tensor]) ->
 
     with torch.no_grad(), poutine.block(), preserved_rng():
         guide_trace = poutine.trace(guide).get_trace(**batch)
+        guide_sites = _sample_sites(prune_subsample_sites(guide_trace))
+        # Compare the guide with the declaration first: replaying a wrong guide may crash the model.
+        for name, site in declared.items():
+            if name not in guide_sites:
+                if site.enumerated:
+                    continue
+                raise PairMismatchError(
+                    f"guide has no site {name!r} of {model_name} ({guide_name} samples: {sorted(guide_sites)})"
+                )
+            event_shape = tuple(guide_sites[name]["fn"].event_shape)
+            if event_shape != tuple(site.event_shape):
+                raise PairMismatchError(
+                    f"{guide_name} samples site {name!r} with event shape {event_shape}, "
+                    f"but {model_name} declares {tuple(site.event_shape)}"
+                )
+        for name in guide_sites:
+            if name not in declared:
+                raise PairMismatchError(
+                    f"{guide_name} samples site {name!r} that {model_name} does not declare (declared: {sorted(declared)})"
+                )
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(**batch)
-    guide_sites = _sample_sites(prune_subsample_sites(guide_trace))
     model_sites = _sample_sites(prune_subsample_sites(model_trace))
-
-    for name, site in declared.items():
+    for name in declared:
         if name not in model_sites:
             raise PairMismatchError(f"{model_name} declares latent site {name!r} but never samples it")
-        if name not in guide_sites:
-            if site.enumerated:
-                continue
-            raise PairMismatchError(f"guide has no site {name!r} of {model_name} ({guide_name} samples: {sorted(guide_sites)})")
-        event_shape = tuple(guide_sites[name]["fn"].event_shape)
-        if event_shape != tuple(site.event_shape):
-            raise PairMismatchError(
-                f"{guide_name} samples site {name!r} with event shape {event_shape}, "
-                f"but {model_name} declares {tuple(site.event_shape)}"
-            )
-    for name in guide_sites:
-        if name not in declared:
-            raise PairMismatchError(
-                f"{guide_name} samples site {name!r} that {model_name} does not declare (declared: {sorted(declared)})"
-            )
     for name in model_sites:
         if name not in declared:
             raise PairMismatchError(f"{model_name} samples latent site {name!r} but does not declare it in latent_sites")
