@@ -36,7 +36,9 @@ def tiny_experiment(**overrides):
         "evaluate": {"particles": 20},
     }
     for section, values in overrides.items():
-        if isinstance(values, dict):
+        if isinstance(values, dict) and values.get("name", config.get(section, {}).get("name")) != config.get(section, {}).get("name"):
+            config[section] = dict(values)  # another part: its own keys only
+        elif isinstance(values, dict):
             config.setdefault(section, {}).update(values)
         else:
             config[section] = values
