@@ -101,28 +101,25 @@ def _image_splits(name, train_x, train_y, test_x, test_y, validation, binarize, 
     return make_splits(spec, train, test, validation=validation, binarize=binarize, seed=seed)
 
 
-@DATASETS.register("mnist")
-def mnist(
-    dir: str = "~/.cache/pyrovae/mnist",
-    binarize: str = "dynamic",
-    validation: float = 10000,
-    download: bool = False,
-    seed: int = 0,
-) -> DataSplits:
-    """MNIST (LeCun et al.) from IDX files: 60,000 train (less ``validation``), 10,000 test."""
-    return _image_splits("mnist", *load_idx_images(dir, "mnist", download), validation, binarize, seed)
+def _idx_data_set(kind: str, description: str):
+    """Register a loader for an IDX data set laid out like MNIST."""
+
+    def load(
+        dir: str = f"~/.cache/pyrovae/{kind}",
+        binarize: str = "dynamic",
+        validation: float = 10000,
+        download: bool = False,
+        seed: int = 0,
+    ) -> DataSplits:
+        return _image_splits(kind, *load_idx_images(dir, kind, download), validation, binarize, seed)
+
+    load.__name__ = load.__qualname__ = kind.replace("-", "_")
+    load.__doc__ = f"{description} from IDX files in ``dir``: 60,000 train (less ``validation``), 10,000 test."
+    return DATASETS.register(kind)(load)
 
 
-@DATASETS.register("fashion-mnist")
-def fashion_mnist(
-    dir: str = "~/.cache/pyrovae/fashion-mnist",
-    binarize: str = "dynamic",
-    validation: float = 10000,
-    download: bool = False,
-    seed: int = 0,
-) -> DataSplits:
-    """Fashion-MNIST (Xiao et al. 2017), same layout as MNIST."""
-    return _image_splits("fashion-mnist", *load_idx_images(dir, "fashion-mnist", download), validation, binarize, seed)
+mnist = _idx_data_set("mnist", "MNIST (LeCun et al. 1998)")
+fashion_mnist = _idx_data_set("fashion-mnist", "Fashion-MNIST (Xiao et al. 2017)")
 
 
 @DATASETS.register("digits")
