@@ -56,6 +56,8 @@ class GaussianVAE(Model):
 
     def forward(self, x: torch.Tensor, **batch):
         with pyro.plate("data", x.shape[0]):
-            prior = dist.Normal(x.new_zeros(()), x.new_ones(())).expand([self.config.latent_dim]).to_event(1)
+            # Built at the plate's batch shape so the plate has nothing to broadcast.
+            shape = (x.shape[0], self.config.latent_dim)
+            prior = dist.Normal(x.new_zeros(()).expand(shape), x.new_ones(()).expand(shape)).to_event(1)
             z = pyro.sample("z", prior)
             pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)

@@ -55,6 +55,8 @@ class MLP(nn.Sequential):
         self.out_features = out_features
 
     def forward(self, inputs):
+        if inputs.dim() == 2:
+            return super().forward(inputs)
         # BatchNorm1d wants (N, C): fold particle dims into the batch and unfold after.
         leading = inputs.shape[:-1]
         outputs = super().forward(inputs.reshape(-1, inputs.shape[-1]))

@@ -9,6 +9,7 @@ checkpoints (latest and best), resume, early stopping and the progress bar.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -309,18 +310,21 @@ def _set_validation(on: bool) -> None:
 def _run_epoch(model, guide, objective, data, config, optimizer, parameters, anneal, state, bar) -> dict[str, float]:
     model.train()
     guide.train()
-    totals: dict[str, torch.Tensor] = {}
-    batches = 0
+    # Metrics stay on the device, kept per step and averaged once at the end of the epoch.
+    history: list[dict[str, torch.Tensor]] = []
     clip = config.clip_norm if config.clip_norm > 0 else math.inf
     for batch in data.batches("train", config.batch_size, shuffle=True):
-        with kl_scale(anneal(state.step)):
+        beta = anneal(state.step)
+        with kl_scale(beta) if beta != 1.0 else contextlib.nullcontext():
             loss, metrics = objective(model, guide, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        loss = loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(parameters, clip)
-        if not bool(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)):
+        # The one host read per step: inf + finite, nan + anything are non-finite.
+        if not bool(torch.isfinite(loss + grad_norm)):
             terms = [name for name, value in metrics.items() if not torch.isfinite(value)]
-            if not torch.isfinite(loss.detach()):
+            if not torch.isfinite(loss):
                 terms.append("loss")
             if not torch.isfinite(grad_norm):
                 terms.append("gradient")
@@ -329,11 +333,10 @@ def _run_epoch(model, guide, objective, data, config, optimizer, parameters, ann
         if state.step == 0:
             _set_validation(False)
         state.step += 1
-        batches += 1
-        metrics = dict(metrics, loss=loss.detach())
-        for key, value in metrics.items():
-            totals[key] = totals.get(key, 0.0) + value
+        metrics["loss"] = loss
+        history.append(metrics)
         bar.update(1)
         if state.step % config.log_every == 0 and not bar.disable:
-            bar.set_postfix(loss=f"{float(totals['loss']) / batches:.3f}", beta=f"{anneal(state.step):.3g}")
-    return {key: float(value) / batches for key, value in totals.items()}
+            recent = torch.stack([m["loss"] for m in history[-config.log_every :]]).mean()
+            bar.set_postfix(loss=f"{float(recent):.3f}", beta=f"{anneal(state.step):.3g}")
+    return {key: float(torch.stack([m[key] for m in history]).mean()) for key in history[0]}
