@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pyrovae.config import apply_overrides, load_toml
 from pyrovae.errors import ConfigError, DataError, NonFiniteLossError, PairMismatchError
-from pyrovae.experiment import FINAL_FILE, Experiment
+from pyrovae.experiment import Experiment
 
 
 def _parser() -> argparse.ArgumentParser:

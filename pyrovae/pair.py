@@ -12,7 +12,7 @@ compares them with the guide's sample sites before any training starts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Mapping
 
 import torch
@@ -37,7 +37,6 @@ class DataSpec:
     num_categories: int | None = None
     image_shape: tuple[int, ...] | None = None
     num_classes: int | None = None
-    extra: Mapping[str, object] = field(default_factory=dict)
 
     @property
     def x_features(self) -> int:

@@ -107,7 +107,7 @@ def _idx_data_set(kind: str, description: str):
     def load(
         dir: str = f"~/.cache/pyrovae/{kind}",
         binarize: str = "dynamic",
-        validation: float = 10000,
+        validation: int | float = 10000,
         download: bool = False,
         seed: int = 0,
     ) -> DataSplits:
@@ -123,7 +123,7 @@ fashion_mnist = _idx_data_set("fashion-mnist", "Fashion-MNIST (Xiao et al. 2017)
 
 
 @DATASETS.register("digits")
-def digits(binarize: str = "dynamic", validation: float = 0.1, test: float = 0.2, seed: int = 0) -> DataSplits:
+def digits(binarize: str = "dynamic", validation: int | float = 0.1, test: float = 0.2, seed: int = 0) -> DataSplits:
     """scikit-learn's handwritten digits (1,797 images of 8x8, grey levels 0..16), shipped with
     scikit-learn, so it works offline. A ``test`` fraction is held out with a fixed seed."""
     from sklearn.datasets import load_digits

@@ -78,7 +78,7 @@ def make_splits(
     train: Batch,
     test: Batch,
     *,
-    validation: float | int,
+    validation: int | float,
     binarize: str,
     seed: int,
 ) -> DataSplits:
