@@ -66,6 +66,14 @@ class _TorchOwnedParameters(PyroModule):
     PyroParam/PyroSample attributes, keep Pyro's behaviour (e.g. priors on weights).
     """
 
+    def __call__(self, *args, **kwargs):
+        # PyroModule.__call__ enters a context that swaps Pyro's param-store state in and out
+        # (four times a step for a model/guide pair). It only serves PyroParam/PyroSample
+        # attributes; without any in the module tree, call the plain torch module.
+        if any(m._pyro_params or m._pyro_samples for m in self.modules() if isinstance(m, PyroModule)):
+            return super().__call__(*args, **kwargs)
+        return torch.nn.Module.__call__(self, *args, **kwargs)
+
     def __getattr__(self, name: str):
         modules = self.__dict__.get("_modules")
         if modules is not None and name in modules and not isinstance(modules[name], PyroModule):

@@ -61,3 +61,24 @@ def test_weights_exactly_the_kl_part_of_the_elbo(binary_batch):
 def test_rejects_negative_beta():
     with pytest.raises(ValueError, match="beta >= 0"):
         kl_scale(-1.0)
+
+
+def test_pyro_params_keep_pyros_behaviour_in_torch_owned_modules():
+    """Model/Guide skip Pyro's param-store context only when they hold no PyroParam/PyroSample."""
+    from pyro.nn import PyroParam
+
+    from pyrovae.pair import DataSpec, Guide
+
+    class ScaledGuide(Guide):
+        def __init__(self):
+            super().__init__(DataSpec("t", (2,)))
+            self.log_scale = PyroParam(torch.tensor(0.0))
+            self.net = torch.nn.Linear(2, 1)
+
+        def forward(self, x):
+            with pyro.plate("data", x.shape[0]):
+                pyro.sample("z", dist.Normal(self.net(x).squeeze(-1), self.log_scale.exp()))
+
+    trace = poutine.trace(ScaledGuide()).get_trace(torch.zeros(3, 2))
+    param_sites = [name for name, site in trace.nodes.items() if site["type"] == "param"]
+    assert param_sites == ["log_scale"]  # the PyroParam is a param site; the torch Linear is not
