@@ -87,6 +87,14 @@ def _summed_metrics(model_trace, guide_trace, kl_by_site: dict[str, torch.Tensor
     return metrics
 
 
+def _any_scaled(*traces) -> bool:
+    return any(
+        site["type"] == "sample" and "log_prob" in site and site["log_prob"] is not site["unscaled_log_prob"]
+        for trace in traces
+        for site in trace.nodes.values()
+    )
+
+
 def _monte_carlo_kl(model_trace, guide_trace) -> dict[str, torch.Tensor]:
     kl = {}
     for name, site in latent_sites(model_trace):
@@ -255,8 +263,11 @@ class IWAE(Objective):
         if use_dreg:
             holder["weights"] = torch.softmax(log_weights.detach(), 0)
         with torch.no_grad():
-            plain_reconstruction, plain_terms = log_weight_terms(model_trace, guide_trace, nesting, True, scaled=False)
-            plain_log_weights = plain_reconstruction + sum(plain_terms.values())
+            if _any_scaled(model_trace, guide_trace):  # annealing: report the unannealed bound
+                plain_reconstruction, plain_terms = log_weight_terms(model_trace, guide_trace, nesting, True, scaled=False)
+                plain_log_weights = plain_reconstruction + sum(plain_terms.values())
+            else:  # nothing scaled: the terms above are already the plain ones
+                plain_reconstruction, plain_terms, plain_log_weights = reconstruction, latent_terms, log_weights.detach()
             metrics = {
                 "iwae": log_mean_exp(plain_log_weights, 0).mean(),
                 "elbo": plain_log_weights.mean(),

@@ -29,10 +29,6 @@ class Registry:
 
         return add
 
-    def names(self) -> list[str]:
-        self._load_providers()
-        return sorted(self._entries)
-
     def _load_providers(self) -> None:
         for module in self._provider_modules:
             importlib.import_module(module)
