@@ -3,10 +3,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import pyro
-import pyro.distributions as dist
 import torch
 from torch.nn import functional as F
 
+from pyrovae.distributions import DiagonalNormal
 from pyrovae.nn import MLP
 from pyrovae.pair import DataSpec, Guide, Model
 from pyrovae.registry import GUIDES
@@ -60,5 +60,4 @@ class DiagonalNormalGuide(Guide):
                 self.sites, loc.split(self.site_sizes, -1), scale.split(self.site_sizes, -1)
             ):
                 shape = loc_s.shape[:-1] + tuple(site.event_shape)
-                normal = dist.Normal(loc_s.reshape(shape), scale_s.reshape(shape), validate_args=False)
-                pyro.sample(site.name, normal.to_event(len(site.event_shape)))
+                pyro.sample(site.name, DiagonalNormal(loc_s.reshape(shape), scale_s.reshape(shape), len(site.event_shape)))

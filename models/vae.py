@@ -3,9 +3,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import pyro
-import pyro.distributions as dist
 import torch
 
+from pyrovae.distributions import StandardNormal
 from pyrovae.likelihoods import build_likelihood
 from pyrovae.nn import MLP
 from pyrovae.pair import DataSpec, LatentSite, Model
@@ -57,7 +57,6 @@ class GaussianVAE(Model):
     def forward(self, x: torch.Tensor, **batch):
         with pyro.plate("data", x.shape[0]):
             # Built at the plate's batch shape so the plate has nothing to broadcast.
-            shape = (x.shape[0], self.config.latent_dim)
-            prior = dist.Normal(x.new_zeros(()).expand(shape), x.new_ones(()).expand(shape)).to_event(1)
+            prior = StandardNormal((x.shape[0],), (self.config.latent_dim,), dtype=x.dtype, device=x.device)
             z = pyro.sample("z", prior)
             pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)

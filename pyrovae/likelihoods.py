@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pyrovae.distributions import BernoulliLogits, DiagonalNormal
 from pyrovae.errors import DataError
 from pyrovae.pair import DataSpec
 from pyrovae.registry import LIKELIHOODS
@@ -43,7 +44,7 @@ class BernoulliLikelihood(Likelihood):
     """p(x | z) = prod_d Bernoulli(x_d | sigmoid(logits_d(z))); x must be 0 or 1."""
 
     def forward(self, logits: torch.Tensor) -> dist.Distribution:
-        return dist.Bernoulli(logits=self._unflatten(logits), validate_args=False).to_event(len(self.x_shape))
+        return BernoulliLogits(self._unflatten(logits), len(self.x_shape))
 
     def mean(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self._unflatten(logits))
@@ -81,7 +82,7 @@ class GaussianLikelihood(Likelihood):
         loc = self._unflatten(loc)
         scale = self.scale()
         scale = torch.as_tensor(scale, dtype=loc.dtype, device=loc.device).expand_as(loc)
-        return dist.Normal(loc, scale, validate_args=False).to_event(len(self.x_shape))
+        return DiagonalNormal(loc, scale, len(self.x_shape))
 
     def mean(self, loc: torch.Tensor) -> torch.Tensor:
         return self._unflatten(loc)

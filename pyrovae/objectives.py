@@ -77,13 +77,14 @@ def _unscaled_sum(site) -> torch.Tensor:
 def _summed_metrics(model_trace, guide_trace, kl_by_site: dict[str, torch.Tensor], count: int) -> Metrics:
     """Per-datapoint metrics from summed (over batch and particles) unscaled terms."""
     with torch.no_grad():
-        names = list(kl_by_site)
-        reconstruction = sum(_unscaled_sum(site) for _, site in observed_sites(model_trace))
-        # One stacked division instead of one per term: these run every step.
-        values = torch.stack([reconstruction, *kl_by_site.values()]) * (1.0 / count)
-        metrics = {"reconstruction": values[0]}
-        metrics.update({f"kl/{name}": values[i + 1] for i, name in enumerate(names)})
-        metrics["elbo"] = values[0] - values[1:].sum()
+        observed = [_unscaled_sum(site) for _, site in observed_sites(model_trace)]
+        reconstruction = observed[0] if len(observed) == 1 else torch.stack(observed).sum()
+        kls = list(kl_by_site.values())
+        elbo = reconstruction - (kls[0] if len(kls) == 1 else torch.stack(kls).sum())
+        # One stack, scale and unbind instead of an op per metric: these run every step.
+        values = (torch.stack([reconstruction, elbo, *kls]) * (1.0 / count)).unbind()
+    metrics = {"reconstruction": values[0], "elbo": values[1]}
+    metrics.update({f"kl/{name}": value for name, value in zip(kl_by_site, values[2:])})
     return metrics
 
 
@@ -189,6 +190,8 @@ class _ScaleGradient(torch.autograd.Function):
 
 def detach_parameters(fn: dist.Distribution) -> dist.Distribution:
     """The same distribution with its parameters cut from the graph (values still carry gradients)."""
+    if hasattr(fn, "detached"):
+        return fn.detached()
     if isinstance(fn, dist.Independent):
         return dist.Independent(detach_parameters(fn.base_dist), fn.reinterpreted_batch_ndims)
     if isinstance(fn, dist.ExpandedDistribution):

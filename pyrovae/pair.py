@@ -70,9 +70,26 @@ class _TorchOwnedParameters(PyroModule):
         # PyroModule.__call__ enters a context that swaps Pyro's param-store state in and out
         # (four times a step for a model/guide pair). It only serves PyroParam/PyroSample
         # attributes; without any in the module tree, call the plain torch module.
-        if any(m._pyro_params or m._pyro_samples for m in self.modules() if isinstance(m, PyroModule)):
+        if self._holds_pyro_attributes():
             return super().__call__(*args, **kwargs)
         return torch.nn.Module.__call__(self, *args, **kwargs)
+
+    def _holds_pyro_attributes(self) -> bool:
+        # Scanning the module tree on every call costs more than the call itself for a small
+        # network, so the answer is kept until an attribute of this module is set or deleted.
+        held = self.__dict__.get("_pyro_attributes_held")
+        if held is None:
+            held = any(m._pyro_params or m._pyro_samples for m in self.modules() if isinstance(m, PyroModule))
+            self.__dict__["_pyro_attributes_held"] = held
+        return held
+
+    def __setattr__(self, name: str, value):
+        self.__dict__.pop("_pyro_attributes_held", None)
+        super().__setattr__(name, value)
+
+    def __delattr__(self, name: str):
+        self.__dict__.pop("_pyro_attributes_held", None)
+        super().__delattr__(name)
 
     def __getattr__(self, name: str):
         modules = self.__dict__.get("_modules")

@@ -39,6 +39,16 @@ def test_resume_gives_the_same_parameters_as_an_unbroken_run(tmp_path):
     assert [r["valid/elbo"] for r in records] == [r["valid/elbo"] for r in straight_records]
 
 
+def test_resume_removes_temporaries_left_by_a_kill_mid_write(tmp_path):
+    Experiment.from_config(tiny_experiment(train={"epochs": 1})).train(tmp_path, progress=False)
+    # What SIGKILL during save_checkpoint leaves: a partial temporary beside the intact target.
+    stale = tmp_path / "checkpoints" / ".latest.pt.4242.tmp"
+    stale.write_bytes(b"half a checkpo")
+    Experiment.from_config(tiny_experiment(train={"epochs": 2})).train(tmp_path, resume=True, progress=False)
+    assert not stale.exists()
+    assert load_checkpoint(tmp_path / "checkpoints" / LATEST)["state"]["epoch"] == 2
+
+
 def test_resume_refuses_a_different_experiment(tmp_path):
     Experiment.from_config(tiny_experiment(train={"epochs": 1})).train(tmp_path, progress=False)
     from pyrovae.errors import ConfigError

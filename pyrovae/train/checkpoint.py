@@ -33,6 +33,15 @@ def _replace_atomically(path: Path, write) -> None:
         os.close(directory)
 
 
+def remove_stale_temporaries(directory: str | Path) -> list[Path]:
+    """Delete temporary files left by a process killed mid-write (the targets are intact)."""
+    directory = Path(directory)
+    stale = sorted(directory.glob(".*.tmp")) if directory.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     _replace_atomically(Path(path), lambda handle: torch.save(state, handle))
 

@@ -28,7 +28,15 @@ from pyrovae.handlers import kl_scale
 from pyrovae.pair import check_pair
 from pyrovae.schedules import Constant
 from pyrovae.traces import preserved_rng
-from pyrovae.train.checkpoint import BEST, LATEST, append_jsonl, load_checkpoint, save_checkpoint, write_jsonl
+from pyrovae.train.checkpoint import (
+    BEST,
+    LATEST,
+    append_jsonl,
+    load_checkpoint,
+    remove_stale_temporaries,
+    save_checkpoint,
+    write_jsonl,
+)
 
 OPTIMIZERS = {
     "adam": torch.optim.Adam,
@@ -192,6 +200,8 @@ def fit(
     if resume:
         if checkpoint_dir is None or not (checkpoint_dir / LATEST).exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint_dir / LATEST if checkpoint_dir else '(no run dir)'}")
+        remove_stale_temporaries(checkpoint_dir)
+        remove_stale_temporaries(metrics_path.parent)
         saved = load_checkpoint(checkpoint_dir / LATEST, device)
         model.load_state_dict(saved["model"])
         guide.load_state_dict(saved["guide"])
