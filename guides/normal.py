@@ -55,7 +55,7 @@ class DiagonalNormalGuide(Guide):
     def forward(self, x: torch.Tensor, **batch):
         loc, raw_scale = self.encoder(x.reshape(x.shape[0], -1)).chunk(2, -1)
         scale = F.softplus(raw_scale) + self.config.min_scale
-        with pyro.plate("data", x.shape[0]):
+        with pyro.plate("data", x.shape[0], device=x.device):
             for site, loc_s, scale_s in zip(
                 self.sites, loc.split(self.site_sizes, -1), scale.split(self.site_sizes, -1)
             ):

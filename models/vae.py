@@ -55,7 +55,7 @@ class GaussianVAE(Model):
         return (LatentSite("z", (self.config.latent_dim,)),)
 
     def forward(self, x: torch.Tensor, **batch):
-        with pyro.plate("data", x.shape[0]):
+        with pyro.plate("data", x.shape[0], device=x.device):
             # Built at the plate's batch shape so the plate has nothing to broadcast.
             prior = StandardNormal((x.shape[0],), (self.config.latent_dim,), dtype=x.dtype, device=x.device)
             z = pyro.sample("z", prior)

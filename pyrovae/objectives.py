@@ -269,15 +269,15 @@ class IWAE(Objective):
             if _any_scaled(model_trace, guide_trace):  # annealing: report the unannealed bound
                 plain_reconstruction, plain_terms = log_weight_terms(model_trace, guide_trace, nesting, True, scaled=False)
                 plain_log_weights = plain_reconstruction + sum(plain_terms.values())
+                plain_bound = log_mean_exp(plain_log_weights, 0)
             else:  # nothing scaled: the terms above are already the plain ones
-                plain_reconstruction, plain_terms, plain_log_weights = reconstruction, latent_terms, log_weights.detach()
-            metrics = {
-                "iwae": log_mean_exp(plain_log_weights, 0).mean(),
-                "elbo": plain_log_weights.mean(),
-                "reconstruction": plain_reconstruction.mean(),
-            }
-            for name, term in plain_terms.items():
-                metrics[f"kl/{name}"] = -term.mean()
+                plain_reconstruction, plain_terms, plain_log_weights = reconstruction, latent_terms, log_weights
+                plain_bound = bound
+            # One stack and mean instead of an op per metric: these run every step.
+            per_datapoint_terms = [plain_log_weights, plain_reconstruction, *(-term for term in plain_terms.values())]
+            values = torch.stack(per_datapoint_terms).mean((1, 2)).unbind()
+            metrics = {"iwae": plain_bound.detach().mean(), "elbo": values[0], "reconstruction": values[1]}
+            metrics.update({f"kl/{name}": value for name, value in zip(plain_terms, values[2:])})
         return -bound.mean(), metrics
 
 

@@ -12,7 +12,7 @@ from typing import Callable, Mapping
 import pyro
 import torch
 from pyro import poutine
-from pyro.poutine.util import prune_subsample_sites, site_is_subsample
+from pyro.poutine.util import site_is_subsample
 
 DATA_PLATE = "data"
 PARTICLE_PLATE = "particles"
@@ -65,14 +65,16 @@ def trace_pair(
     ``before_model(guide_trace)`` may edit guide values or distributions before the replay.
     """
     if particles is not None:
-        plate = pyro.plate(PARTICLE_PLATE, particles, dim=-(max_plate_nesting + 1))
+        device = next(iter(batch.values())).device if batch else None
+        plate = pyro.plate(PARTICLE_PLATE, particles, dim=-(max_plate_nesting + 1), device=device)
         model, guide = plate(model), plate(guide)
     guide_trace = poutine.trace(guide).get_trace(**batch)
     if before_model is not None:
         before_model(guide_trace)
     model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(**batch)
-    guide_trace = prune_subsample_sites(guide_trace)
-    model_trace = prune_subsample_sites(model_trace)
+    for trace in (guide_trace, model_trace):  # in place: these traces are ours, no need to copy
+        for name in [name for name, site in trace.nodes.items() if site_is_subsample(site)]:
+            trace.remove_node(name)
     model_trace.compute_log_prob()
     guide_trace.compute_score_parts()  # sets log_prob too; the score parts serve non-reparameterized sites
     return model_trace, guide_trace
