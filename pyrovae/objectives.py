@@ -44,6 +44,8 @@ class Objective:
     """Base: caches the plate depth of the pair it is used with."""
 
     particles: int | None = None
+    # The validation metric the fit loop selects best.pt and stops early by (higher is better).
+    selection_metric: str = "elbo"
 
     def __init__(self, max_plate_nesting: int | None = None):
         self.max_plate_nesting = max_plate_nesting
@@ -228,6 +230,8 @@ class IWAE(Objective):
     For guides whose site parameters depend on upstream latents, that dependence is treated
     as stop-gradient in log q.
     """
+
+    selection_metric = "iwae"
 
     def __init__(self, particles: int = 5, dreg: bool = False, max_plate_nesting: int | None = None):
         super().__init__(max_plate_nesting)

@@ -106,6 +106,15 @@ def test_early_stopping_and_checkpoints(tmp_path):
     assert not list((tmp_path / "checkpoints").glob("*.tmp"))
 
 
+def test_best_checkpoint_follows_the_objectives_own_bound(tmp_path):
+    experiment = Experiment.from_config(tiny_experiment(objective={"name": "iwae", "particles": 3}, train={"epochs": 4, "lr": 0.03}))
+    result = fit(experiment.model, experiment.guide, experiment.objective, experiment.data, experiment.train_config, run_dir=tmp_path, progress=False)
+    scores = [record["valid/iwae"] for record in result.state.history]
+    assert result.state.best_epoch == 1 + scores.index(max(scores))
+    assert result.state.best_valid_score == max(scores)
+    assert load_checkpoint(tmp_path / "checkpoints" / "best.pt")["state"]["epoch"] == result.state.best_epoch
+
+
 def test_train_config_rejects_bad_values():
     with pytest.raises(ValueError, match="train.optimizer"):
         TrainConfig(optimizer="adamax2")

@@ -60,7 +60,8 @@ class TrainConfig:
     # Clip the global gradient norm (of the per-datapoint loss); 0 turns clipping off.
     clip_norm: float = 100.0
     device: str = "auto"
-    # Early stopping: stop after this many epochs without a better validation ELBO (0: never).
+    # Early stopping: stop after this many epochs without a better validation score (0: never).
+    # The score is the objective's own bound: the ELBO, or the K-sample bound under IWAE.
     patience: int = 0
     # Non-finite loss or gradient: restore the epoch-start state and halve the learning rate,
     # at most this many times in a run.
@@ -95,7 +96,7 @@ class TrainState:
 
     epoch: int = 0  # completed epochs
     step: int = 0  # completed optimizer steps
-    best_valid_elbo: float = -math.inf
+    best_valid_score: float = -math.inf  # the objective's selection_metric on validation
     best_epoch: int = -1
     epochs_without_improvement: int = 0
     nonfinite_retries: int = 0
@@ -180,12 +181,13 @@ def fit(
     epochs done before a resume).
 
     With ``run_dir``, writes ``checkpoints/latest.pt`` (every epoch), ``checkpoints/best.pt``
-    (best validation ELBO) and ``metrics.jsonl`` (one record per epoch). With ``resume=True``
+    (best validation score: the objective's ``selection_metric``, the ELBO unless it says otherwise) and ``metrics.jsonl`` (one record per epoch). With ``resume=True``
     it restores parameters, optimizer state, schedule step, RNG state and epoch from
     ``latest.pt`` and continues as if never stopped. ``fingerprint`` (e.g. the resolved config)
     is stored in checkpoints.
     """
     anneal = anneal or Constant(1.0)
+    selection_metric = getattr(objective, "selection_metric", "elbo")
     device = resolve_device(config.device)
     model.to(device)
     guide.to(device)
@@ -206,7 +208,10 @@ def fit(
         model.load_state_dict(saved["model"])
         guide.load_state_dict(saved["guide"])
         optimizer.load_state_dict(saved["optimizer"])
-        state = TrainState(**saved["state"])
+        saved_state = dict(saved["state"])
+        if "best_valid_elbo" in saved_state:  # checkpoints written before selection by the objective's bound
+            saved_state["best_valid_score"] = saved_state.pop("best_valid_elbo")
+        state = TrainState(**saved_state)
         _set_rng_state(saved["rng"])
         write_jsonl(state.history, metrics_path)  # drop records written after this checkpoint
     elif metrics_path is not None:
@@ -289,9 +294,10 @@ def fit(
                 **{f"valid/{k}": v for k, v in valid_metrics.items()},
             }
             state.history.append(record)
-            improved = valid_metrics["elbo"] > state.best_valid_elbo
+            score = valid_metrics[selection_metric]
+            improved = score > state.best_valid_score
             if improved:
-                state.best_valid_elbo, state.best_epoch = valid_metrics["elbo"], state.epoch
+                state.best_valid_score, state.best_epoch = score, state.epoch
                 state.epochs_without_improvement = 0
             else:
                 state.epochs_without_improvement += 1
@@ -304,7 +310,7 @@ def fit(
             bar.set_postfix(epoch=state.epoch, valid_elbo=f"{valid_metrics['elbo']:.2f}")
             if config.patience and state.epochs_without_improvement >= config.patience:
                 stopped_early = True
-                bar.write(f"early stopping at epoch {state.epoch}: no better validation ELBO for {config.patience} epochs")
+                bar.write(f"early stopping at epoch {state.epoch}: no better validation {selection_metric} for {config.patience} epochs")
                 break
     finally:
         bar.close()
