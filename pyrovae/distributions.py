@@ -51,7 +51,27 @@ def _split_shape(shape: torch.Size, event_dim: int) -> tuple[torch.Size, torch.S
     return shape[:cut], shape[cut:]
 
 
-class DiagonalNormal(TorchDistribution):
+class _LeanDistribution(TorchDistribution):
+    """Shared plumbing: support over the event dims, and an ``expand`` that is free when a plate
+    asks for the batch shape the distribution already has (it does so at every site)."""
+
+    base_support = constraints.real
+
+    @property
+    def support(self):
+        return constraints.independent(self.base_support, self.event_dim)
+
+    def expand(self, batch_shape, _instance=None):
+        batch_shape = torch.Size(batch_shape)
+        if batch_shape == self.batch_shape:
+            return self
+        return self._expanded(batch_shape)
+
+    def _expanded(self, batch_shape: torch.Size) -> "_LeanDistribution":
+        raise NotImplementedError
+
+
+class DiagonalNormal(_LeanDistribution):
     """Normal with diagonal covariance over the last ``event_dim`` dims:
 
         log q(z) = sum_d [ -1/2 ((z_d - mu_d) / sigma_d)^2 - log sigma_d - 1/2 log 2 pi ].
@@ -68,10 +88,6 @@ class DiagonalNormal(TorchDistribution):
         super().__init__(*_split_shape(loc.shape, event_dim), validate_args=validate_args)
 
     @property
-    def support(self):
-        return constraints.independent(constraints.real, self.event_dim)
-
-    @property
     def mean(self) -> torch.Tensor:
         return self.loc
 
@@ -79,10 +95,7 @@ class DiagonalNormal(TorchDistribution):
     def variance(self) -> torch.Tensor:
         return self.scale.pow(2)
 
-    def expand(self, batch_shape, _instance=None):
-        batch_shape = torch.Size(batch_shape)
-        if batch_shape == self.batch_shape:
-            return self
+    def _expanded(self, batch_shape):
         shape = batch_shape + self.event_shape
         return DiagonalNormal(self.loc.expand(shape), self.scale.expand(shape), self.event_dim, validate_args=False)
 
@@ -111,7 +124,7 @@ class DiagonalNormal(TorchDistribution):
         return DiagonalNormal(self.loc.detach(), self.scale.detach(), self.event_dim, validate_args=False)
 
 
-class StandardNormal(TorchDistribution):
+class StandardNormal(_LeanDistribution):
     """Normal(0, I) over ``event_shape``, batched over ``batch_shape``:
 
         log p(z) = -1/2 |z|^2 - (D/2) log 2 pi,   D = prod(event_shape).
@@ -125,10 +138,6 @@ class StandardNormal(TorchDistribution):
         super().__init__(torch.Size(batch_shape), torch.Size(event_shape), validate_args=validate_args)
 
     @property
-    def support(self):
-        return constraints.independent(constraints.real, len(self.event_shape))
-
-    @property
     def mean(self) -> torch.Tensor:
         return torch.zeros(self.batch_shape + self.event_shape, dtype=self.dtype, device=self.device)
 
@@ -136,10 +145,7 @@ class StandardNormal(TorchDistribution):
     def variance(self) -> torch.Tensor:
         return torch.ones(self.batch_shape + self.event_shape, dtype=self.dtype, device=self.device)
 
-    def expand(self, batch_shape, _instance=None):
-        batch_shape = torch.Size(batch_shape)
-        if batch_shape == self.batch_shape:
-            return self
+    def _expanded(self, batch_shape):
         return StandardNormal(batch_shape, self.event_shape, dtype=self.dtype, device=self.device, validate_args=False)
 
     def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
@@ -156,21 +162,18 @@ class StandardNormal(TorchDistribution):
         return torch.full(self.batch_shape, size * (0.5 + HALF_LOG_2PI), dtype=self.dtype, device=self.device)
 
 
-class BernoulliLogits(TorchDistribution):
+class BernoulliLogits(_LeanDistribution):
     """Independent Bernoullis over the last ``event_dim`` dims, parameterized by logits:
 
         log p(x) = sum_d [ x_d log sigmoid(l_d) + (1 - x_d) log sigmoid(-l_d) ].
     """
 
     arg_constraints = {"logits": constraints.real}
+    base_support = constraints.boolean
 
     def __init__(self, logits: torch.Tensor, event_dim: int = 1, validate_args=None):
         self.logits = logits
         super().__init__(*_split_shape(logits.shape, event_dim), validate_args=validate_args)
-
-    @property
-    def support(self):
-        return constraints.independent(constraints.boolean, self.event_dim)
 
     @property
     def probs(self) -> torch.Tensor:
@@ -184,10 +187,7 @@ class BernoulliLogits(TorchDistribution):
     def variance(self) -> torch.Tensor:
         return self.probs * (1 - self.probs)
 
-    def expand(self, batch_shape, _instance=None):
-        batch_shape = torch.Size(batch_shape)
-        if batch_shape == self.batch_shape:
-            return self
+    def _expanded(self, batch_shape):
         return BernoulliLogits(self.logits.expand(batch_shape + self.event_shape), self.event_dim, validate_args=False)
 
     def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
