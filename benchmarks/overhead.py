@@ -55,10 +55,10 @@ def load_data(directory: Path) -> DataSplits:
 class PlainVAE(nn.Module):
     """The same networks as GaussianVAE + DiagonalNormalGuide, with the ELBO and IWAE written by hand."""
 
-    def __init__(self):
+    def __init__(self, hidden: int = HIDDEN, latent: int = LATENT):
         super().__init__()
-        self.encoder = nn.Sequential(nn.Linear(784, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, 2 * LATENT))
-        self.decoder = nn.Sequential(nn.Linear(LATENT, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, 784))
+        self.encoder = nn.Sequential(nn.Linear(784, hidden), nn.Tanh(), nn.Linear(hidden, 2 * latent))
+        self.decoder = nn.Sequential(nn.Linear(latent, hidden), nn.Tanh(), nn.Linear(hidden, 784))
 
     def log_weights(self, x: torch.Tensor, particles: int) -> torch.Tensor:
         loc, raw_scale = self.encoder(x).chunk(2, -1)
