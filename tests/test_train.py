@@ -86,6 +86,14 @@ def test_a_nonfinite_loss_mid_run_is_recovered(tmp_path):
     assert [r["lr"] for r in result.state.history] == [config.lr, config.lr / 2, config.lr / 2]
     assert all(math.isfinite(r["valid/elbo"]) for r in result.state.history)
     assert all(torch.isfinite(p).all() for p in experiment.model.parameters())
+    assert all(math.isfinite(r["train/grad_norm"]) for r in result.state.history)
+
+
+def test_the_message_names_the_first_nonfinite_step(tmp_path):
+    # Training call 5 is step 4 (steps count from 0); the device is read only at the epoch's end.
+    experiment = Experiment.from_config(tiny_experiment(train={"epochs": 1, "max_nonfinite_retries": 0, "log_every": 1000}))
+    with pytest.raises(NonFiniteLossError, match=r"non-finite reconstruction, loss, gradient at step 4 \(epoch 1\)"):
+        fit(experiment.model, experiment.guide, FlakyELBO({5}), experiment.data, experiment.train_config, progress=False)
 
 
 def test_persistent_nonfinite_losses_stop_with_a_clear_message(tmp_path):

@@ -69,7 +69,8 @@ class TrainConfig:
     # Run the first step with Pyro's and torch's argument validation on (clear shape errors),
     # then switch it off for speed.
     validate_first_step: bool = True
-    # Refresh the progress bar's loss every this many steps (each refresh reads the device once).
+    # Every this many steps the loop reads the device once: it checks that no loss or gradient
+    # went non-finite and refreshes the progress bar's loss.
     log_every: int = 50
     # Evaluate on at most this many validation examples per epoch (0: all).
     valid_examples: int = 0
@@ -83,6 +84,7 @@ class TrainConfig:
             "optimizer": self.optimizer in OPTIMIZERS,
             "device": self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
             "max_nonfinite_retries": self.max_nonfinite_retries >= 0,
+            "log_every": self.log_every >= 1,
         }
         for key, ok in checks.items():
             if not ok:
@@ -328,7 +330,12 @@ def _run_epoch(model, guide, objective, data, config, optimizer, parameters, ann
     guide.train()
     # Metrics stay on the device, kept per step and averaged once at the end of the epoch.
     history: list[dict[str, torch.Tensor]] = []
+    first_step = state.step
     clip = config.clip_norm if config.clip_norm > 0 else math.inf
+    # Finiteness is accumulated on the device and read every log_every steps and at the epoch's
+    # end, not per step: a per-step read would stall a GPU's queue at every step. Steps after a
+    # non-finite one are harmless, since recovery restores the epoch-start state.
+    all_finite = None
     for batch in data.batches("train", config.batch_size, shuffle=True):
         beta = anneal(state.step)
         with kl_scale(beta) if beta != 1.0 else contextlib.nullcontext():
@@ -337,22 +344,34 @@ def _run_epoch(model, guide, objective, data, config, optimizer, parameters, ann
         loss.backward()
         loss = loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(parameters, clip)
-        # The one host read per step: inf + finite, nan + anything are non-finite.
-        if not bool(torch.isfinite(loss + grad_norm)):
-            terms = [name for name, value in metrics.items() if not torch.isfinite(value)]
-            if not torch.isfinite(loss):
-                terms.append("loss")
-            if not torch.isfinite(grad_norm):
-                terms.append("gradient")
-            raise _NonFinite(state.step, terms)
+        finite = torch.isfinite(loss + grad_norm)  # inf + finite, nan + anything: non-finite
+        all_finite = finite if all_finite is None else all_finite & finite
         optimizer.step()
         if state.step == 0:
             _set_validation(False)
         state.step += 1
         metrics["loss"] = loss
+        metrics["grad_norm"] = grad_norm.detach()
         history.append(metrics)
         bar.update(1)
-        if state.step % config.log_every == 0 and not bar.disable:
-            recent = torch.stack([m["loss"] for m in history[-config.log_every :]]).mean()
-            bar.set_postfix(loss=f"{float(recent):.3f}", beta=f"{anneal(state.step):.3g}")
+        if state.step % config.log_every == 0:
+            _raise_if_nonfinite(all_finite, history, first_step)
+            if not bar.disable:
+                recent = torch.stack([m["loss"] for m in history[-config.log_every :]]).mean()
+                bar.set_postfix(loss=f"{float(recent):.3f}", beta=f"{anneal(state.step):.3g}")
+    _raise_if_nonfinite(all_finite, history, first_step)
     return {key: float(torch.stack([m[key] for m in history]).mean()) for key in history[0]}
+
+
+def _raise_if_nonfinite(all_finite: torch.Tensor | None, history: list[dict[str, torch.Tensor]], first_step: int) -> None:
+    """One host read; if some step went non-finite, name the first such step and its terms."""
+    if all_finite is None or bool(all_finite):
+        return
+    for index, metrics in enumerate(history):
+        if not torch.isfinite(metrics["loss"] + metrics["grad_norm"]):
+            terms = [name for name, value in metrics.items() if name not in ("loss", "grad_norm") and not torch.isfinite(value)]
+            if not torch.isfinite(metrics["loss"]):
+                terms.append("loss")
+            if not torch.isfinite(metrics["grad_norm"]):
+                terms.append("gradient")
+            raise _NonFinite(first_step + index, terms)
