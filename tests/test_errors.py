@@ -82,28 +82,27 @@ def test_nan_in_data_is_refused():
         model.check_batch({"x": x})
 
 
-def test_guide_missing_a_latent_site():
-    model, _ = tiny_pair()
+def guide_sampling(site: str, size: int) -> type:
+    """A guide class that samples one site of event shape (size,), whatever the model declares."""
 
-    class NoLatentGuide(Guide):
+    class OneSiteGuide(Guide):
         def forward(self, x, **batch):
             with pyro.plate("data", x.shape[0]):
-                pyro.sample("w", dist.Normal(torch.zeros(x.shape[0], 3), 1.0).to_event(1))
+                pyro.sample(site, dist.Normal(torch.zeros(x.shape[0], size), 1.0).to_event(1))
 
-    with pytest.raises(PairMismatchError, match=r"guide has no site 'z' of GaussianVAE \(NoLatentGuide samples: \['w'\]\)"):
-        check_pair(model, NoLatentGuide(model.data), {"x": torch.zeros(4, 12)})
+    return OneSiteGuide
+
+
+def test_guide_missing_a_latent_site():
+    model, _ = tiny_pair()
+    with pytest.raises(PairMismatchError, match=r"guide has no site 'z' of GaussianVAE \(OneSiteGuide samples: \['w'\]\)"):
+        check_pair(model, guide_sampling("w", 3)(model.data), {"x": torch.zeros(4, 12)})
 
 
 def test_guide_with_wrong_event_shape():
     model, _ = tiny_pair(latent_dim=3)
-
-    class WrongShapeGuide(Guide):
-        def forward(self, x, **batch):
-            with pyro.plate("data", x.shape[0]):
-                pyro.sample("z", dist.Normal(torch.zeros(x.shape[0], 2), 1.0).to_event(1))
-
     with pytest.raises(PairMismatchError, match=r"samples site 'z' with event shape \(2,\), but GaussianVAE declares \(3,\)"):
-        check_pair(model, WrongShapeGuide(model.data), {"x": torch.zeros(4, 12)})
+        check_pair(model, guide_sampling("z", 2)(model.data), {"x": torch.zeros(4, 12)})
 
 
 def write_idx(path, array):

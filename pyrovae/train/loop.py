@@ -332,10 +332,10 @@ def _run_epoch(model, guide, objective, data, config, optimizer, parameters, ann
     history: list[dict[str, torch.Tensor]] = []
     first_step = state.step
     clip = config.clip_norm if config.clip_norm > 0 else math.inf
-    # Finiteness is accumulated on the device and read every log_every steps and at the epoch's
-    # end, not per step: a per-step read would stall a GPU's queue at every step. Steps after a
-    # non-finite one are harmless, since recovery restores the epoch-start state.
-    all_finite = None
+    # Finiteness is read from the kept per-step losses and gradient norms every log_every steps
+    # and at the epoch's end, not per step: a per-step read would stall a GPU's queue at every
+    # step. Steps after a non-finite one are harmless, since recovery restores the epoch-start state.
+    checked = 0  # history[:checked] is known finite
     for batch in data.batches("train", config.batch_size, shuffle=True):
         beta = anneal(state.step)
         with kl_scale(beta) if beta != 1.0 else contextlib.nullcontext():
@@ -344,8 +344,6 @@ def _run_epoch(model, guide, objective, data, config, optimizer, parameters, ann
         loss.backward()
         loss = loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(parameters, clip)
-        finite = torch.isfinite(loss + grad_norm)  # inf + finite, nan + anything: non-finite
-        all_finite = finite if all_finite is None else all_finite & finite
         optimizer.step()
         if state.step == 0:
             _set_validation(False)
@@ -355,19 +353,21 @@ def _run_epoch(model, guide, objective, data, config, optimizer, parameters, ann
         history.append(metrics)
         bar.update(1)
         if state.step % config.log_every == 0:
-            _raise_if_nonfinite(all_finite, history, first_step)
+            checked = _raise_if_nonfinite(history, checked, first_step)
             if not bar.disable:
                 recent = torch.stack([m["loss"] for m in history[-config.log_every :]]).mean()
                 bar.set_postfix(loss=f"{float(recent):.3f}", beta=f"{anneal(state.step):.3g}")
-    _raise_if_nonfinite(all_finite, history, first_step)
+    _raise_if_nonfinite(history, checked, first_step)
     return {key: float(torch.stack([m[key] for m in history]).mean()) for key in history[0]}
 
 
-def _raise_if_nonfinite(all_finite: torch.Tensor | None, history: list[dict[str, torch.Tensor]], first_step: int) -> None:
-    """One host read; if some step went non-finite, name the first such step and its terms."""
-    if all_finite is None or bool(all_finite):
-        return
-    for index, metrics in enumerate(history):
+def _raise_if_nonfinite(history: list[dict[str, torch.Tensor]], checked: int, first_step: int) -> int:
+    """One host read for the steps not yet checked; if one went non-finite, name the first such
+    step and its terms. Returns how many steps are now known finite."""
+    # inf + finite, nan + anything: non-finite.
+    if not history[checked:] or bool(torch.isfinite(torch.stack([m["loss"] + m["grad_norm"] for m in history[checked:]])).all()):
+        return len(history)
+    for index, metrics in enumerate(history[checked:], start=checked):
         if not torch.isfinite(metrics["loss"] + metrics["grad_norm"]):
             terms = [name for name, value in metrics.items() if name not in ("loss", "grad_norm") and not torch.isfinite(value)]
             if not torch.isfinite(metrics["loss"]):
