@@ -15,3 +15,9 @@ class PairMismatchError(ValueError):
 
 class NonFiniteLossError(FloatingPointError):
     """Training kept producing non-finite losses after the allowed number of recoveries."""
+
+
+class UnsupportedPairError(ConfigError):
+    """An objective cannot treat a pair correctly (e.g. enumerated sites it cannot sum out,
+    score-function sites it has no estimator for) and refuses it by name instead of
+    returning a silently wrong number."""

@@ -8,6 +8,10 @@ from pyro.poutine.messenger import Messenger
 
 Beta = Union[float, Mapping[str, float]]
 
+# kl_scale writes the scale a site had before beta multiplied it into ``msg["infer"]`` under
+# this key, so reported numbers can undo beta (and only beta) even when beta is 0.
+UNANNEALED_SCALE = "unannealed_scale"
+
 
 class kl_scale(Messenger):
     """Multiply the log-density scale of unobserved sample sites by beta.
@@ -19,24 +23,28 @@ class kl_scale(Messenger):
     traces (Monte Carlo or analytic KL, which reads the guide site's scale).
 
     ``beta`` is one float, or a dict ``{site_name: beta}`` for per-layer warm-up;
-    sites missing from the dict keep scale 1.
+    sites missing from the dict get ``default`` (1 unless given).
+
+    Each scaled site remembers its scale before beta in ``site["infer"]["unannealed_scale"]``;
+    :func:`pyrovae.traces.reported_log_prob` reads it to report the unannealed bound.
     """
 
-    def __init__(self, beta: Beta):
+    def __init__(self, beta: Beta, default: float = 1.0):
         super().__init__()
         if isinstance(beta, Mapping):
             self.beta_by_site = {name: float(value) for name, value in beta.items()}
-            self.beta = None
+            self.beta = float(default)
         else:
             self.beta_by_site = None
             self.beta = float(beta)
-        for value in [self.beta] if self.beta_by_site is None else self.beta_by_site.values():
+        for value in [self.beta, *(self.beta_by_site or {}).values()]:
             if not value >= 0.0:
                 raise ValueError(f"kl_scale needs beta >= 0, got {value}")
 
     def _process_message(self, msg):
         if msg["type"] != "sample" or msg["is_observed"]:
             return
-        beta = self.beta if self.beta_by_site is None else self.beta_by_site.get(msg["name"], 1.0)
+        beta = self.beta if self.beta_by_site is None else self.beta_by_site.get(msg["name"], self.beta)
         if beta != 1.0:
+            msg["infer"].setdefault(UNANNEALED_SCALE, msg["scale"])
             msg["scale"] = beta * msg["scale"]

@@ -8,7 +8,7 @@ from typing import Mapping
 import torch
 from tqdm.auto import tqdm
 
-from pyrovae.traces import guess_max_plate_nesting, log_weight_terms, trace_pair
+from pyrovae.traces import check_enumeration_in_data_plate, inspect_pair, log_weights, trace_pair
 
 
 def importance_log_likelihood(
@@ -16,6 +16,7 @@ def importance_log_likelihood(
     guide,
     data: torch.Tensor | Mapping[str, torch.Tensor],
     particles: int = 5000,
+    inputs: Mapping[str, float] | None = None,
     batch_size: int = 100,
     max_rows: int = 20000,
     progress: bool = False,
@@ -23,6 +24,12 @@ def importance_log_likelihood(
     """log p(x) estimated per example with K = ``particles`` guide samples (Burda et al. 2016):
 
         log p(x) ~= log (1/K) sum_k p(x, z_k) / q(z_k | x),   z_k ~ q(z | x).
+
+    Enumerated sites (in the model or the guide) are summed out exactly: for each particle
+    the weight is sum_e p(x, z_k, e) / q(z_k | x, e) over their values e. Masks are honoured
+    (:func:`pyrovae.traces.reported_log_prob`). ``data`` is a tensor of x or a dict of tensors
+    (the whole batch contract: ``x``, ``y``, masks ...) with examples on dim 0; ``inputs`` are
+    extra keyword arguments passed to every call (e.g. the current values of scheduled inputs).
 
     Particles are drawn in chunks of at most ``max_rows // batch_size`` and combined with a
     running log-sum-exp, so memory is bounded whatever K is. Returns a CPU tensor of shape
@@ -32,22 +39,26 @@ def importance_log_likelihood(
         raise ValueError(f"particles must be >= 1, got {particles}")
     tensors = {"x": data} if torch.is_tensor(data) else dict(data)
     count = int(tensors["x"].shape[0])
+    extra = dict(inputs or {})
     chunk = max(1, min(particles, max_rows // batch_size))
     was_training = model.training, guide.training
     model.eval()
     guide.eval()
     results = []
     with torch.no_grad():
-        nesting = guess_max_plate_nesting(model, guide, {k: v[:2] for k, v in tensors.items()})
+        info = inspect_pair(model, guide, {**{k: v[:2] for k, v in tensors.items()}, **extra})
+        nesting, enumerate = info.max_plate_nesting, bool(info.enumerated)
         for start in tqdm(range(0, count, batch_size), disable=not progress, desc=f"log p(x), K={particles}", unit="batch"):
-            batch = {key: value[start : start + batch_size] for key, value in tensors.items()}
+            batch = {**{key: value[start : start + batch_size] for key, value in tensors.items()}, **extra}
             running = None
             for done in range(0, particles, chunk):
                 drawn = min(chunk, particles - done)
-                model_trace, guide_trace = trace_pair(model, guide, batch, max_plate_nesting=nesting, particles=drawn)
-                reconstruction, latent_terms = log_weight_terms(model_trace, guide_trace, nesting, True, scaled=False)
-                log_weights = reconstruction + sum(latent_terms.values())
-                partial = torch.logsumexp(log_weights, 0)
+                model_trace, guide_trace = trace_pair(
+                    model, guide, batch, max_plate_nesting=nesting, particles=drawn, enumerate=enumerate
+                )
+                if enumerate and running is None:
+                    check_enumeration_in_data_plate(model_trace, guide_trace)
+                partial = torch.logsumexp(log_weights(model_trace, guide_trace, nesting, True, scaled=False), 0)
                 running = partial if running is None else torch.logaddexp(running, partial)
             results.append((running - math.log(particles)).cpu())
     model.train(was_training[0])

@@ -1,0 +1,26 @@
+"""Objectives: ``objective(model, guide, batch) -> (loss, metrics)`` (see :mod:`.base`).
+
+Registered names: ``elbo`` (Trace_ELBO), ``meanfield_elbo`` (TraceMeanField_ELBO),
+``iwae`` (IWAE with VIMCO for score-function sites, optional DReG).
+"""
+
+from pyrovae.objectives.base import Metrics, Objective, batch_size
+from pyrovae.objectives.elbo import ELBO, MeanFieldELBO
+from pyrovae.objectives.iwae import IWAE, detach_parameters, vimco_learning_signals
+from pyrovae.registry import OBJECTIVES
+
+__all__ = [
+    "ELBO",
+    "IWAE",
+    "MeanFieldELBO",
+    "Metrics",
+    "Objective",
+    "batch_size",
+    "build_objective",
+    "detach_parameters",
+    "vimco_learning_signals",
+]
+
+
+def build_objective(name: str, **options) -> Objective:
+    return OBJECTIVES.resolve(name, "objective.name")(**options)
