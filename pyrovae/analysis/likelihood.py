@@ -41,9 +41,10 @@ def importance_log_likelihood(
     count = int(tensors["x"].shape[0])
     extra = dict(inputs or {})
     chunk = max(1, min(particles, max_rows // batch_size))
-    was_training = model.training, guide.training
-    model.eval()
-    guide.eval()
+    modules = [part for part in (model, guide) if isinstance(part, torch.nn.Module)]
+    was_training = [module.training for module in modules]
+    for module in modules:
+        module.eval()
     results = []
     with torch.no_grad():
         info = inspect_pair(model, guide, {**{k: v[:2] for k, v in tensors.items()}, **extra})
@@ -61,8 +62,8 @@ def importance_log_likelihood(
                 partial = torch.logsumexp(log_weights(model_trace, guide_trace, nesting, True, scaled=False), 0)
                 running = partial if running is None else torch.logaddexp(running, partial)
             results.append((running - math.log(particles)).cpu())
-    model.train(was_training[0])
-    guide.train(was_training[1])
+    for module, mode in zip(modules, was_training):
+        module.train(mode)
     log_likelihood = torch.cat(results)
     if not torch.isfinite(log_likelihood).all():
         bad = int((~torch.isfinite(log_likelihood)).sum())
