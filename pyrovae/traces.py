@@ -213,7 +213,8 @@ def log_weight_terms(model_trace, guide_trace, max_plate_nesting: int, with_part
     uses the log-densities as scored (KL annealing included), ``scaled=False`` the reported
     ones (:func:`reported_log_prob`: masks honoured, beta undone). The guide term of an
     enumerated guide site is left out: summing the weights over its values (see
-    :func:`log_weights`) is the exact sum that replaces sampling it.
+    :func:`log_weights`) is the exact sum that replaces sampling it (for elements a mask
+    hides from the site, the sum becomes an average: see ``_enumeration_mass``).
     """
     read = (lambda site: site["log_prob"]) if scaled else reported_log_prob
     reconstruction = 0.0
@@ -225,8 +226,23 @@ def log_weight_terms(model_trace, guide_trace, max_plate_nesting: int, with_part
         guide_site = guide_trace.nodes.get(name)
         if guide_site is not None and not is_enumerated(guide_site):
             term = term - per_datapoint(guide_site, read(guide_site), max_plate_nesting, with_particles)
+        enumerated = guide_site if guide_site is not None else site  # where the values were drawn
+        if is_enumerated(enumerated):
+            term = term - per_datapoint(enumerated, _enumeration_mass(enumerated, read), max_plate_nesting, with_particles)
         latent_terms[name] = term
     return reconstruction, latent_terms
+
+
+def _enumeration_mass(site, read) -> torch.Tensor:
+    """log sum over an enumerated site's values of its (masked) density, per element: 0 where
+    the density is normalized, log |support| where a mask zeroed it. Subtracting it turns the
+    sum over values into the right average for masked elements (e.g. labelled rows of an
+    ``obs_mask``-ed label), which is what Pyro's Dice expectation does."""
+    log_prob = read(site)
+    dim = site["infer"].get("_enumerate_dim")
+    if dim is None or log_prob.dim() < -dim or log_prob.shape[dim] == 1:
+        return torch.zeros_like(log_prob)
+    return torch.logsumexp(log_prob, dim, keepdim=True)
 
 
 def sum_out_enumeration(values: torch.Tensor, with_particles: bool) -> torch.Tensor:

@@ -88,3 +88,29 @@ def test_a_declared_enumerated_site_without_annotation_is_refused_too():
 
     with pytest.raises(UnsupportedPairError, match="'y'"):
         ELBO()(Model(), z_only_guide, {"x": X})
+
+
+def test_log_likelihood_of_labelled_rows_is_the_joint_with_their_label():
+    """obs_mask on the label (semi-supervised rows): the guide enumerates y_unobserved only where
+    the label is missing; labelled rows get log p(x, y), unlabelled rows log p(x)."""
+    y = torch.tensor([1, 0, 0, 1])
+    y_mask = torch.tensor([True, False, True, False])
+
+    def model(x, y, y_mask):
+        with pyro.plate("data", x.shape[0]):
+            label = pyro.sample("y", dist.Categorical(PRIOR_Y), obs=y, obs_mask=y_mask)
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z + SHIFT * label, 1.0), obs=x)
+
+    def guide(x, y, y_mask):
+        with pyro.plate("data", x.shape[0]):
+            guess = pyro.sample(
+                "y_unobserved", dist.Categorical(torch.tensor([0.3, 0.7])).mask(~y_mask), infer={"enumerate": "parallel"}
+            )
+            label = torch.where(y_mask, y, guess)
+            pyro.sample("z", dist.Normal((x - SHIFT * label) / 2, math.sqrt(0.5)))
+
+    estimate = importance_log_likelihood(model, guide, {"x": X, "y": y, "y_mask": y_mask}, particles=2)
+    joint = PRIOR_Y[y].log() + dist.Normal(SHIFT * y, math.sqrt(2.0)).log_prob(X)
+    expected = torch.where(y_mask, joint, exact_log_marginal(X))
+    assert torch.allclose(estimate, expected, atol=1e-5)
