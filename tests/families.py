@@ -57,6 +57,7 @@ class ConditionalVAE(Model):
         label = F.one_hot(y, self.classes).to(x.dtype)
         with pyro.plate("data", x.shape[0], device=x.device):
             z = pyro.sample("z", gaussian_head(self.prior_net(label)))
+            label = label.expand(z.shape[:-1] + label.shape[-1:])  # particle dims, if any
             pyro.sample("x", BernoulliLogits(self.decoder(torch.cat([z, label], -1))), obs=x)
 
 
@@ -106,8 +107,9 @@ class M2(Model):
             label = pyro.sample("y", dist.Categorical(uniform), obs=y, obs_mask=y_mask)
             z = pyro.sample("z", StandardNormal((x.shape[0],), (self.config.latent_dim,), dtype=x.dtype, device=x.device))
             embedded = self.label_embedding(label)
-            z = z.expand(embedded.shape[:-1] + z.shape[-1:])
-            pyro.sample("x", BernoulliLogits(self.decoder(torch.cat([z, embedded], -1))), obs=x)
+            lead = torch.broadcast_shapes(z.shape[:-1], embedded.shape[:-1])  # enumeration and particle dims
+            features = torch.cat([z.expand(lead + z.shape[-1:]), embedded.expand(lead + embedded.shape[-1:])], -1)
+            pyro.sample("x", BernoulliLogits(self.decoder(features)), obs=x)
 
 
 class M2Guide(Guide):
