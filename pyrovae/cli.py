@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from pyrovae.config import apply_overrides, load_toml
-from pyrovae.errors import ConfigError, DataError, NonFiniteLossError, PairMismatchError
+from pyrovae.errors import ConfigError, DataError, NonFiniteLossError, PairMismatchError, UnsupportedPairError
 from pyrovae.experiment import Experiment
 
 
@@ -16,24 +16,37 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyrovae", description="Variational autoencoders as Pyro model/guide pairs.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", help="train an experiment into a run folder and print its test metrics")
+    train = commands.add_parser(
+        "train",
+        help="train an experiment into a run folder (config, metrics, checkpoints, final.json, curves.png, and "
+        "samples.png or, for data that are not images, samples.json) and print its test metrics",
+    )
     train.add_argument("experiment", help="experiment TOML file")
     train.add_argument("--out", help="run folder (default: runs/<experiment name>)")
     train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value (TOML syntax)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    evaluate = commands.add_parser("evaluate", help="print a run's test metrics as JSON")
+    evaluate = commands.add_parser(
+        "evaluate", help="print a run's test metrics as JSON: the objective's own (test_elbo, test_iwae ...) and log p(x)"
+    )
     evaluate.add_argument("run_dir")
     evaluate.add_argument("--particles", type=int, help="importance samples per example (default: the run's evaluate.particles)")
     evaluate.add_argument("--checkpoint", choices=["best", "latest"], help="which parameters (default: the run's evaluate.checkpoint)")
     evaluate.add_argument("--test-examples", type=int, help="use the first N test examples (0: all; default: the run's evaluate.test_examples)")
     evaluate.add_argument("--no-progress", action="store_true")
 
-    sample = commands.add_parser("sample", help="write a PNG grid of prior samples and reconstructions")
+    sample_help = (
+        "write prior samples and reconstructions of the first test rows, on whole test batches (labels, masks, "
+        "scheduled inputs at the checkpoint's step): a PNG grid for image data; otherwise JSON (samples.json) with "
+        "prior_samples, test_rows and reconstructions, as integer rows drawn from p(x|z) for discrete data such as "
+        "tokens (cut to the rows' lengths) and as means of p(x|z) otherwise"
+    )
+    sample = commands.add_parser("sample", help=sample_help, description=sample_help)
     sample.add_argument("run_dir")
-    sample.add_argument("--out", help="PNG path (default: RUN_DIR/samples.png)")
+    sample.add_argument("--out", help="output path (default: RUN_DIR/samples.png for images, RUN_DIR/samples.json otherwise)")
     sample.add_argument("--checkpoint", choices=["best", "latest"], default="best")
+    sample.add_argument("--count", type=int, default=16, help="how many prior samples and test rows (default 16)")
     return parser
 
 
@@ -58,15 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "sample":
             experiment = Experiment.from_run(args.run_dir)
             experiment.load_parameters(args.run_dir, args.checkpoint)
-            if experiment.data.spec.image_shape is None:
-                raise ConfigError(f"data set {experiment.data.spec.name!r} has no image shape to draw")
-            from pyrovae.analysis import sample_grid
-
-            path = Path(args.out or Path(args.run_dir) / "samples.png")
-            sample_grid(experiment.model, experiment.guide, experiment.data.test["x"], path, experiment.data.spec.image_shape)
-            print(path)
-    except (ConfigError, DataError, PairMismatchError, NonFiniteLossError, FileNotFoundError) as error:
-        print(f"pyrovae {args.command}: error: {error}", file=sys.stderr)
+            print(experiment.write_samples(args.out, run_dir=args.run_dir, count=args.count))
+    except (ConfigError, UnsupportedPairError, DataError, PairMismatchError, NonFiniteLossError, FileNotFoundError) as error:
+        # One line: an error raised inside a Pyro trace comes back with the trace's shape table appended.
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"pyrovae {args.command}: error: {message}", file=sys.stderr)
         return 2
     return 0
 

@@ -6,6 +6,11 @@ An experiment has top-level ``seed`` and the tables ``[data] [model] [guide]
 keys are checked against the part's config dataclass (``Config`` attribute) or the
 signature of its constructor, so every wrong key, missing key or wrong type is a
 :class:`ConfigError` that names the key and what was expected.
+
+Schedules other than the one beta are tables of schedule tables, each checked the same way:
+``[anneal.sites.<site>]`` (a per-site beta overriding ``[anneal]``) and
+``[schedules.<input>]`` (a named input that the model or guide declares in its
+``scheduled_inputs``). Each schedule must fit its role (see :mod:`pyrovae.schedules`).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any
 
 from pyrovae.errors import ConfigError
 from pyrovae.registry import DATASETS, GUIDES, MODELS, OBJECTIVES, SCHEDULES
+from pyrovae.schedules import check_input_names, check_role, declared_inputs
 from pyrovae.train.loop import TrainConfig
 
 PART_REGISTRIES = {"data": DATASETS, "model": MODELS, "guide": GUIDES, "objective": OBJECTIVES, "anneal": SCHEDULES}
@@ -47,6 +53,8 @@ class EvaluateConfig:
 
 FIXED_SECTIONS = {"train": TrainConfig, "evaluate": EvaluateConfig}
 TOP_LEVEL = {"seed": int, "description": str}
+# Tables of schedule tables: input name -> {name = "<schedule>", options...}.
+SCHEDULE_SECTIONS = ("schedules",)
 
 
 def describe(annotation) -> str:
@@ -177,9 +185,35 @@ def load_toml(path: str | Path) -> dict:
         raise ConfigError(f"{path}: not valid TOML ({error})") from None
 
 
+def resolve_schedule(label: str, table, role: str, default_name: str | None = None) -> dict:
+    """Check one schedule table (``name`` and its options) for ``role`` ("beta" or "input")."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"[{label}] must be a table with a schedule 'name', got {type(table).__name__}")
+    table = dict(table)
+    name = table.pop("name", default_name)
+    if name is None:
+        raise ConfigError(f"[{label}] missing required key 'name' (a registered {SCHEDULES.kind} or 'package.module:Name')")
+    target = SCHEDULES.resolve(name, f"[{label}] name")
+    check_role(target, role, label, name)
+    return {"name": name, **check_options(label, f"{SCHEDULES.kind} {name!r}", table, option_fields(target))}
+
+
+def _resolve_anneal(table) -> dict:
+    if not isinstance(table, dict):
+        raise ConfigError(f"[anneal] must be a table, got {type(table).__name__}")
+    table = dict(table)
+    sites = table.pop("sites", {})
+    resolved = resolve_schedule("anneal", table, "beta", DEFAULT_PARTS["anneal"])
+    if not isinstance(sites, dict):
+        raise ConfigError(f"[anneal] sites must be tables [anneal.sites.<site>], got {type(sites).__name__}")
+    if sites:
+        resolved["sites"] = {site: resolve_schedule(f"anneal.sites.{site}", sites[site], "beta") for site in sites}
+    return resolved
+
+
 def resolve_config(raw: dict) -> dict:
     """Validate a raw experiment dict and return it with every default written out."""
-    known = set(TOP_LEVEL) | set(PART_REGISTRIES) | set(FIXED_SECTIONS)
+    known = set(TOP_LEVEL) | set(PART_REGISTRIES) | set(FIXED_SECTIONS) | set(SCHEDULE_SECTIONS)
     for key in raw:
         if key not in known:
             raise ConfigError(f"unknown top-level key {key!r}; expected one of: {', '.join(sorted(known))}")
@@ -192,12 +226,25 @@ def resolve_config(raw: dict) -> dict:
         table = raw.get(section, {})
         if not isinstance(table, dict):
             raise ConfigError(f"[{section}] must be a table, got {type(table).__name__}")
+        if section == "anneal":
+            resolved[section] = _resolve_anneal(table)
+            continue
         table = dict(table)
         name = table.pop("name", DEFAULT_PARTS.get(section))
         if name is None:
             raise ConfigError(f"[{section}] missing required key 'name' (a registered {registry.kind} or 'package.module:Name')")
         target = registry.resolve(name, f"[{section}] name")
         resolved[section] = {"name": name, **check_options(section, f"{registry.kind} {name!r}", table, option_fields(target))}
+    schedules = raw.get("schedules", {})
+    if not isinstance(schedules, dict):
+        raise ConfigError(f"[schedules] must hold tables [schedules.<input>], got {type(schedules).__name__}")
+    if schedules:
+        # The classes declare their inputs; where one does not say at class level (a property),
+        # the fit loop checks the built parts instead.
+        parts = [PART_REGISTRIES[section].resolve(resolved[section]["name"]) for section in ("model", "guide")]
+        if all(isinstance(getattr(part, "scheduled_inputs", {}), dict) for part in parts):
+            check_input_names(schedules, declared_inputs(*parts))
+        resolved["schedules"] = {name: resolve_schedule(f"schedules.{name}", schedules[name], "input") for name in schedules}
     for section, config_class in FIXED_SECTIONS.items():
         table = raw.get(section, {})
         if not isinstance(table, dict):
@@ -223,11 +270,25 @@ def _toml_value(value) -> str:
     raise TypeError(f"cannot write {value!r} to TOML")
 
 
+def _toml_key(key: str) -> str:
+    return key if key and all(c.isascii() and (c.isalnum() or c in "-_") for c in key) else json.dumps(key)
+
+
+def _toml_table(path: list[str], table: dict, lines: list[str]) -> None:
+    scalars = [(key, value) for key, value in table.items() if not isinstance(value, dict) and value is not None]
+    subtables = [(key, value) for key, value in table.items() if isinstance(value, dict)]
+    if scalars or not subtables:
+        lines.append("\n[" + ".".join(_toml_key(part) for part in path) + "]")
+        lines.extend(f"{_toml_key(key)} = {_toml_value(value)}" for key, value in scalars)
+    for key, value in subtables:
+        _toml_table(path + [key], value, lines)
+
+
 def dump_toml(config: dict) -> str:
-    """Write a resolved config (scalars, then one level of tables) as TOML. None values are left out."""
-    lines = [f"{key} = {_toml_value(value)}" for key, value in config.items() if not isinstance(value, dict) and value is not None]
+    """Write a resolved config (scalars, then tables, nested ones as ``[a.b.c]``) as TOML.
+    None values are left out."""
+    lines = [f"{_toml_key(key)} = {_toml_value(value)}" for key, value in config.items() if not isinstance(value, dict) and value is not None]
     for section, table in config.items():
         if isinstance(table, dict):
-            lines.append(f"\n[{section}]")
-            lines.extend(f"{key} = {_toml_value(value)}" for key, value in table.items() if value is not None)
+            _toml_table([section], table, lines)
     return "\n".join(lines) + "\n"

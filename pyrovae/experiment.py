@@ -6,26 +6,32 @@ Run folder::
     config.toml        the resolved config (every default written out)
     metrics.jsonl      one record per epoch (train and validation metrics)
     checkpoints/       latest.pt and best.pt, written atomically
-    final.json         test metrics: test_elbo, test_log_likelihood (+ particles), ...
-    samples.png        prior samples, test images and their reconstructions
+    final.json         test metrics: the objective's own (test_elbo, test_iwae, test_kl/<site> ...),
+                       test_log_likelihood (+ particles), ...
+    samples.png        prior samples, test images and their reconstructions (image data)
+    samples.json       the same rows as numbers, for data that are not images
     curves.png         ELBO and KL per site by epoch
+
+Evaluation runs the pair on whole test batches (``x`` and every other key the loader
+gives) plus the scheduled inputs at the loaded checkpoint's step.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pyrovae.analysis import importance_log_likelihood, sample_grid, training_curves
+from pyrovae.analysis import importance_log_likelihood, sample_grid, sample_rows, training_curves
 from pyrovae.config import EvaluateConfig, PART_REGISTRIES, dump_toml, load_toml, resolve_config
 from pyrovae.data.splits import DataSplits
 from pyrovae.errors import ConfigError
-from pyrovae.objectives import ELBO
+from pyrovae.registry import SCHEDULES
+from pyrovae.schedules import StepSchedules
 from pyrovae.train import BEST, LATEST, TrainConfig, evaluate_objective, fit, load_checkpoint, resolve_device
 
 CONFIG_FILE = "config.toml"
@@ -46,8 +52,8 @@ def _options(table: dict) -> dict:
     return {key: value for key, value in table.items() if key != "name"}
 
 
-def _construct(section: str, table: dict, *context) -> Any:
-    target = PART_REGISTRIES[section].resolve(table["name"], f"[{section}] name")
+def _construct(section: str, table: dict, *context, registry=None) -> Any:
+    target = (registry or PART_REGISTRIES[section]).resolve(table["name"], f"[{section}] name")
     options = _options(table)
     config_class = getattr(target, "Config", None)
     try:
@@ -68,6 +74,11 @@ class Experiment:
     anneal: Any
     train_config: TrainConfig
     evaluate_config: EvaluateConfig
+    # Per-site beta schedules ([anneal.sites.<site>]) and named-input schedules ([schedules.<input>]).
+    anneal_sites: dict = field(default_factory=dict)
+    input_schedules: dict = field(default_factory=dict)
+    # The optimizer step of the loaded parameters: scheduled inputs take their values at it.
+    step: int = 0
 
     @classmethod
     def from_config(cls, raw: dict) -> "Experiment":
@@ -76,16 +87,33 @@ class Experiment:
         torch.manual_seed(config["seed"])
         model = _construct("model", config["model"], data.spec)
         guide = _construct("guide", config["guide"], data.spec, model)
-        return cls(
+        anneal = {key: value for key, value in config["anneal"].items() if key != "sites"}
+        sites = config["anneal"].get("sites", {})
+        experiment = cls(
             config=config,
             data=data,
             model=model,
             guide=guide,
             objective=_construct("objective", config["objective"]),
-            anneal=_construct("anneal", config["anneal"]),
+            anneal=_construct("anneal", anneal),
             train_config=TrainConfig(**config["train"]),
             evaluate_config=EvaluateConfig(**config["evaluate"]),
+            anneal_sites={site: _construct(f"anneal.sites.{site}", table, registry=SCHEDULES) for site, table in sites.items()},
+            input_schedules={
+                name: _construct(f"schedules.{name}", table, registry=SCHEDULES)
+                for name, table in config.get("schedules", {}).items()
+            },
         )
+        experiment.schedules()  # unknown sites or inputs, wrong roles: refused before any training
+        return experiment
+
+    def schedules(self) -> StepSchedules:
+        """The checked schedules of this experiment, with the pair's declared inputs filled in."""
+        return StepSchedules.for_pair(self.model, self.guide, self.anneal, self.anneal_sites, self.input_schedules)
+
+    def inputs(self) -> dict[str, float]:
+        """The scheduled inputs' values at the loaded parameters' step (empty if the pair declares none)."""
+        return self.schedules().input_values(self.step)
 
     @classmethod
     def from_run(cls, run_dir: str | Path) -> "Experiment":
@@ -103,6 +131,7 @@ class Experiment:
         saved = load_checkpoint(path, device)
         self.model.load_state_dict(saved["model"])
         self.guide.load_state_dict(saved["guide"])
+        self.step = int(saved["state"]["step"])
         self.model.to(device)
         self.guide.to(device)
         self.data = self.data.to(device)
@@ -125,6 +154,8 @@ class Experiment:
             self.data,
             self.train_config,
             anneal=self.anneal,
+            anneal_sites=self.anneal_sites,
+            inputs=self.input_schedules,
             run_dir=run_dir,
             resume=resume,
             progress=progress,
@@ -155,30 +186,50 @@ class Experiment:
             raise ConfigError(f"--resume: the experiment differs from the saved run in {', '.join(differences)}")
 
     def test_metrics(self, particles: int | None = None, progress: bool = False) -> dict:
+        """The configured objective's own metrics on the test set (unannealed), each as
+        ``test_<metric>``, and the importance-sampled log-likelihood, all on whole batches with
+        the scheduled inputs at the loaded step."""
         evaluate = self.evaluate_config
         particles = particles or evaluate.particles
         limit = evaluate.test_examples or None
-        elbo = evaluate_objective(self.model, self.guide, ELBO(), self.data, "test", evaluate.batch_size, limit=limit)
+        inputs = self.inputs()
+        metrics = evaluate_objective(
+            self.model, self.guide, self.objective, self.data, "test", evaluate.batch_size, limit=limit, inputs=inputs
+        )
         test = {key: value[:limit] for key, value in self.data.test.items()}
         log_likelihood = importance_log_likelihood(
-            self.model, self.guide, test, particles=particles, batch_size=evaluate.batch_size, progress=progress
+            self.model, self.guide, test, particles=particles, inputs=inputs, batch_size=evaluate.batch_size, progress=progress
         )
         return {
-            "test_elbo": elbo["elbo"],
-            "test_reconstruction": elbo["reconstruction"],
-            **{f"test_{key}": value for key, value in elbo.items() if key.startswith("kl/")},
+            **{f"test_{key}": value for key, value in metrics.items()},
             "test_log_likelihood": float(log_likelihood.mean()),
             "test_nll": -float(log_likelihood.mean()),
             "particles": particles,
             "test_examples": int(log_likelihood.shape[0]),
             "checkpoint": evaluate.checkpoint,
+            "step": self.step,
+            **{f"schedule/{name}": value for name, value in inputs.items()},
         }
+
+    def write_samples(self, path: str | Path | None = None, run_dir: str | Path | None = None, count: int = 16) -> Path:
+        """Prior samples and reconstructions of the first ``count`` test rows: a PNG grid for
+        image data (``samples.png``), else JSON (``samples.json``; integer rows for discrete data)."""
+        images = self.data.spec.image_shape is not None
+        if path is None:
+            path = Path(run_dir or ".") / ("samples.png" if images else "samples.json")
+        path = Path(path)
+        test = self.data.test
+        if images and path.suffix.lower() != ".json":
+            return sample_grid(self.model, self.guide, test, path, self.data.spec.image_shape, count=count, inputs=self.inputs())
+        if path.suffix.lower() == ".png":
+            raise ConfigError(f"data set {self.data.spec.name!r} has no image shape to draw; write JSON instead (--out FILE.json)")
+        return sample_rows(
+            self.model, self.guide, test, path, count=count, inputs=self.inputs(), about={"data": self.data.spec.name, "step": self.step}
+        )
 
     def plots(self, run_dir: str | Path, history: list[dict] | None = None) -> list[Path]:
         run_dir = Path(run_dir)
-        written = []
-        if self.data.spec.image_shape is not None:
-            written.append(sample_grid(self.model, self.guide, self.data.test["x"], run_dir / "samples.png", self.data.spec.image_shape))
+        written = [self.write_samples(run_dir=run_dir)]
         if history:
             written.append(training_curves(history, run_dir / "curves.png"))
         return written

@@ -1,6 +1,13 @@
 """Analyses of a trained pair and data."""
 
 from pyrovae.analysis.likelihood import importance_log_likelihood
-from pyrovae.analysis.plots import observation_means, sample_grid, training_curves
+from pyrovae.analysis.plots import observation_distributions, observation_means, sample_grid, sample_rows, training_curves
 
-__all__ = ["importance_log_likelihood", "observation_means", "sample_grid", "training_curves"]
+__all__ = [
+    "importance_log_likelihood",
+    "observation_distributions",
+    "observation_means",
+    "sample_grid",
+    "sample_rows",
+    "training_curves",
+]

@@ -1,7 +1,16 @@
 """The fit loop, checkpoints and evaluation on a split."""
 
 from pyrovae.train.checkpoint import BEST, LATEST, load_checkpoint, save_checkpoint
-from pyrovae.train.loop import FitResult, TrainConfig, TrainState, evaluate_objective, fit, resolve_device
+from pyrovae.train.loop import (
+    FitResult,
+    TrainConfig,
+    TrainState,
+    evaluate_objective,
+    fit,
+    make_optimizer,
+    parameter_groups,
+    resolve_device,
+)
 
 __all__ = [
     "BEST",
@@ -12,6 +21,8 @@ __all__ = [
     "evaluate_objective",
     "fit",
     "load_checkpoint",
+    "make_optimizer",
+    "parameter_groups",
     "resolve_device",
     "save_checkpoint",
 ]

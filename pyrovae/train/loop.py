@@ -1,10 +1,15 @@
 """The fit loop: the same for every VAE. It only calls ``objective(model, guide, batch)``.
 
 It owns the torch optimizer (one, with a ``"model"`` and a ``"guide"`` parameter
-group, so a guide-only step is ``optimizer_step(groups=("guide",))``), the device,
-the KL schedule (applied through :class:`~pyrovae.handlers.kl_scale`), gradient
-clipping, recovery from non-finite losses, validation every epoch, atomic
-checkpoints (latest and best), resume, early stopping and the progress bar.
+group: each parameter in the group of the part that owns it, see :func:`make_optimizer`),
+the device, the schedules (beta, per site where configured, applied through
+:class:`~pyrovae.handlers.kl_scale`; and the named inputs a model or guide declares in
+``scheduled_inputs``, passed in the batch), gradient clipping, recovery from non-finite
+losses, validation every epoch, atomic checkpoints (latest and best), resume, early
+stopping and the progress bar.
+
+The pair is always called with the whole batch (every key the loader gives) plus the
+scheduled inputs' current values as python floats: ``objective(model, guide, {**batch, **inputs})``.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import pyro
 import torch
@@ -23,10 +28,10 @@ from pyro.infer.util import is_validation_enabled
 from tqdm.auto import tqdm
 
 from pyrovae.data.splits import DataSplits
-from pyrovae.errors import NonFiniteLossError
+from pyrovae.errors import ConfigError, NonFiniteLossError
 from pyrovae.handlers import kl_scale
 from pyrovae.pair import check_pair
-from pyrovae.schedules import Constant
+from pyrovae.schedules import StepSchedules
 from pyrovae.traces import preserved_rng
 from pyrovae.train.checkpoint import (
     BEST,
@@ -121,11 +126,18 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def parameter_groups(model, guide) -> dict[str, list[torch.nn.Parameter]]:
+    """Each parameter once, in the group of the part that owns it: everything reachable from
+    the model is ``"model"`` (also a network the guide reuses, e.g. ``self.classifier =
+    model.classifier``); the guide's other parameters are ``"guide"``."""
+    model_parameters = list(model.parameters())
+    owned = {id(p) for p in model_parameters}
+    return {"model": model_parameters, "guide": [p for p in guide.parameters() if id(p) not in owned]}
+
+
 def make_optimizer(model, guide, config: TrainConfig) -> torch.optim.Optimizer:
-    groups = [
-        {"params": list(model.parameters()), "name": "model", "lr": config.lr},
-        {"params": list(guide.parameters()), "name": "guide", "lr": config.guide_lr or config.lr},
-    ]
+    lrs = {"model": config.lr, "guide": config.guide_lr or config.lr}
+    groups = [{"params": params, "name": name, "lr": lrs[name]} for name, params in parameter_groups(model, guide).items()]
     return OPTIMIZERS[config.optimizer](groups, lr=config.lr, weight_decay=config.weight_decay)
 
 
@@ -142,8 +154,11 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
-def evaluate_objective(model, guide, objective, data: DataSplits, split: str, batch_size: int, limit=None) -> dict[str, float]:
-    """Average per-datapoint metrics of ``objective`` over a split, without annealing or gradients."""
+def evaluate_objective(
+    model, guide, objective, data: DataSplits, split: str, batch_size: int, limit=None, inputs=None
+) -> dict[str, float]:
+    """Average per-datapoint metrics of ``objective`` over a split, without annealing or gradients,
+    on whole batches plus ``inputs`` (the scheduled inputs' values, e.g. at the current step)."""
     was_training = model.training, guide.training
     model.eval()
     guide.eval()
@@ -152,7 +167,11 @@ def evaluate_objective(model, guide, objective, data: DataSplits, split: str, ba
     with torch.no_grad():
         for batch in data.batches(split, batch_size, limit=limit):
             n = batch["x"].shape[0]
-            _, metrics = objective(model, guide, batch)
+            if limit is not None and count + n > limit:
+                # DataSplits.batches may hand out whole batches past the limit: keep its first rows.
+                n = limit - count
+                batch = {key: value[:n] if torch.is_tensor(value) else value for key, value in batch.items()}
+            _, metrics = objective(model, guide, {**batch, **inputs} if inputs else batch)
             for key, value in metrics.items():
                 totals[key] = totals.get(key, 0.0) + value * n
             count += n
@@ -174,6 +193,8 @@ def fit(
     config: TrainConfig,
     *,
     anneal: Callable[[int], float] | None = None,
+    anneal_sites: Mapping[str, Callable[[int], float]] | None = None,
+    inputs: Mapping[str, Callable[[int], float]] | None = None,
     run_dir: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
@@ -187,8 +208,15 @@ def fit(
     it restores parameters, optimizer state, schedule step, RNG state and epoch from
     ``latest.pt`` and continues as if never stopped. ``fingerprint`` (e.g. the resolved config)
     is stored in checkpoints.
+
+    ``anneal`` is the KL weight's schedule (step -> beta), ``anneal_sites`` per-site schedules
+    overriding it for the latent sites they name, and ``inputs`` schedules for the named inputs
+    the model or guide declares in ``scheduled_inputs`` (undriven ones keep their declared
+    default). Their values are pure functions of the step, so a resumed run sees exactly the
+    values an unbroken one would. Each epoch's record logs ``beta``, ``beta/<site>`` and
+    ``schedule/<input>`` at the step validation ran at.
     """
-    anneal = anneal or Constant(1.0)
+    schedules = StepSchedules.for_pair(model, guide, anneal, anneal_sites, inputs)
     selection_metric = getattr(objective, "selection_metric", "elbo")
     device = resolve_device(config.device)
     model.to(device)
@@ -222,8 +250,11 @@ def fit(
 
     with preserved_rng():  # a dynamically binarized batch draws random numbers
         first = next(data.batches("train", min(config.batch_size, 64)))
+        clashes = sorted(set(schedules.inputs) & set(first))
+        if clashes:
+            raise ConfigError(f"scheduled input {clashes[0]!r} has the name of a batch key (the batch has {sorted(first)})")
         model.check_batch(first)
-        check_pair(model, guide, first)
+        check_pair(model, guide, {**first, **schedules.input_values(state.step)})
 
     def checkpoint_state() -> dict:
         return {
@@ -257,7 +288,7 @@ def fit(
             snapshot = copy.deepcopy(checkpoint_state())
             started = time.perf_counter()
             try:
-                train_metrics = _run_epoch(model, guide, objective, data, config, optimizer, parameters, anneal, state, bar)
+                train_metrics = _run_epoch(model, guide, objective, data, config, optimizer, parameters, schedules, state, bar)
             except _NonFinite as failure:
                 state.nonfinite_retries += 1
                 if state.nonfinite_retries > config.max_nonfinite_retries:
@@ -283,13 +314,20 @@ def fit(
                 continue
             _set_validation(False)
             valid_metrics = evaluate_objective(
-                model, guide, objective, data, "valid", config.batch_size, limit=config.valid_examples or None
+                model,
+                guide,
+                objective,
+                data,
+                "valid",
+                config.batch_size,
+                limit=config.valid_examples or None,
+                inputs=schedules.input_values(state.step),
             )
             state.epoch += 1
             record = {
                 "epoch": state.epoch,
                 "step": state.step,
-                "beta": anneal(state.step),
+                **schedules.record(state.step),
                 "lr": optimizer.param_groups[0]["lr"],
                 "seconds": round(time.perf_counter() - started, 3),
                 **{f"train/{k}": v for k, v in train_metrics.items()},
@@ -309,7 +347,7 @@ def fit(
                     save_checkpoint(saved, checkpoint_dir / BEST)
                 save_checkpoint(saved, checkpoint_dir / LATEST)
                 append_jsonl(record, metrics_path)
-            bar.set_postfix(epoch=state.epoch, valid_elbo=f"{valid_metrics['elbo']:.2f}")
+            bar.set_postfix({"epoch": state.epoch, f"valid_{selection_metric}": f"{score:.2f}"})
             if config.patience and state.epochs_without_improvement >= config.patience:
                 stopped_early = True
                 bar.write(f"early stopping at epoch {state.epoch}: no better validation {selection_metric} for {config.patience} epochs")
@@ -325,22 +363,40 @@ def _set_validation(on: bool) -> None:
     torch.distributions.Distribution.set_default_validate_args(on)
 
 
-def _run_epoch(model, guide, objective, data, config, optimizer, parameters, anneal, state, bar) -> dict[str, float]:
+def _scaling(beta: float, by_site: dict[str, float]):
+    """kl_scale for these betas, or nothing when every one is 1 (no handler on the stack)."""
+    if by_site:
+        if beta == 1.0 and all(value == 1.0 for value in by_site.values()):
+            return contextlib.nullcontext()
+        return kl_scale(by_site, default=beta)
+    return kl_scale(beta) if beta != 1.0 else contextlib.nullcontext()
+
+
+def _postfix(schedules: StepSchedules, step: int) -> dict[str, str]:
+    return {key.removeprefix("schedule/"): f"{value:.3g}" for key, value in schedules.record(step).items()}
+
+
+def _run_epoch(model, guide, objective, data, config, optimizer, parameters, schedules, state, bar) -> dict[str, float]:
     model.train()
     guide.train()
     # Metrics stay on the device, kept per step and averaged once at the end of the epoch.
     history: list[dict[str, torch.Tensor]] = []
     first_step = state.step
     clip = config.clip_norm if config.clip_norm > 0 else math.inf
+    has_inputs = bool(schedules.inputs)
     # Finiteness is read from the kept per-step losses and gradient norms every log_every steps
     # and at the epoch's end, not per step: a per-step read would stall a GPU's queue at every
     # step. Steps after a non-finite one are harmless, since recovery restores the epoch-start state.
     checked = 0  # history[:checked] is known finite
     for batch in data.batches("train", config.batch_size, shuffle=True):
-        beta = anneal(state.step)
-        with kl_scale(beta) if beta != 1.0 else contextlib.nullcontext():
-            loss, metrics = objective(model, guide, batch)
+        beta, by_site = schedules.betas(state.step)  # python floats: no device work
+        if has_inputs:
+            batch = {**batch, **schedules.input_values(state.step)}
+        # Before the objective: an objective may compute gradients during its call
+        # (e.g. one wrapping Pyro's loss_and_grads).
         optimizer.zero_grad(set_to_none=True)
+        with _scaling(beta, by_site):
+            loss, metrics = objective(model, guide, batch)
         loss.backward()
         loss = loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(parameters, clip)
@@ -356,7 +412,7 @@ def _run_epoch(model, guide, objective, data, config, optimizer, parameters, ann
             checked = _raise_if_nonfinite(history, checked, first_step)
             if not bar.disable:
                 recent = torch.stack([m["loss"] for m in history[-config.log_every :]]).mean()
-                bar.set_postfix(loss=f"{float(recent):.3f}", beta=f"{anneal(state.step):.3g}")
+                bar.set_postfix({"loss": f"{float(recent):.3f}", **_postfix(schedules, state.step)})
     _raise_if_nonfinite(history, checked, first_step)
     return {key: float(torch.stack([m[key] for m in history]).mean()) for key in history[0]}
 
