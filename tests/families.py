@@ -20,6 +20,13 @@ from pyrovae.distributions import BernoulliLogits, DiagonalNormal, StandardNorma
 from pyrovae.nn import MLP
 
 
+@dataclass
+class GuideConfig:
+    """Guides take their latent sizes from the model; only their own networks are configured."""
+
+    hidden: list[int] = field(default_factory=lambda: [64])
+
+
 def gaussian_head(output: torch.Tensor, event: int = 1) -> DiagonalNormal:
     loc, raw_scale = output.chunk(2, -1)
     return DiagonalNormal(loc, F.softplus(raw_scale) + 1e-3, event)
@@ -64,10 +71,13 @@ class ConditionalVAE(Model):
 class ConditionalGuide(Guide):
     """q(z_n | x_n, y_n) = Normal(mu(x_n, y_n), sigma(x_n, y_n))."""
 
-    def __init__(self, config: ConditionalConfig, data, model):
+    Config = GuideConfig
+
+    def __init__(self, config: GuideConfig, data, model):
         super().__init__(data)
+        sizes = model.config
         self.classes = data.num_classes
-        self.encoder = MLP(data.x_features + self.classes, config.hidden, 2 * config.latent_dim)
+        self.encoder = MLP(data.x_features + self.classes, config.hidden, 2 * sizes.latent_dim)
 
     def forward(self, x, y, **batch):
         label = F.one_hot(y, self.classes).to(x.dtype)
@@ -116,11 +126,14 @@ class M2Guide(Guide):
     """q(y_n | x_n) = Categorical(classifier(x_n)), enumerated where the label is missing;
     q(z_n | x_n, y_n) = Normal(mu(x_n, embed(y_n)), sigma(.)), with the model's label embedding."""
 
-    def __init__(self, config: ConditionalConfig, data, model: M2):
+    Config = GuideConfig
+
+    def __init__(self, config: GuideConfig, data, model: M2):
         super().__init__(data)
+        sizes = model.config
         self.label_embedding = model.label_embedding  # the model owns it
         self.classifier = MLP(data.x_features, config.hidden, data.num_classes)
-        self.encoder = MLP(data.x_features + 8, config.hidden, 2 * config.latent_dim)
+        self.encoder = MLP(data.x_features + 8, config.hidden, 2 * sizes.latent_dim)
 
     def forward(self, x, y, y_mask, **batch):
         with pyro.plate("data", x.shape[0], device=x.device):
@@ -176,15 +189,18 @@ class GumbelSoftmaxVAE(Model):
 class GumbelSoftmaxGuide(Guide):
     """q(z_n | x_n) = RelaxedOneHotCategorical(tau, softmax(encoder(x_n))) per group."""
 
+    Config = GuideConfig
+
     scheduled_inputs = {"temperature": 1.0}
 
-    def __init__(self, config: DiscreteConfig, data, model):
+    def __init__(self, config: GuideConfig, data, model):
         super().__init__(data)
-        self.config = config
-        self.encoder = MLP(data.x_features, config.hidden, config.groups * config.categories)
+        sizes = model.config
+        self.sizes = sizes
+        self.encoder = MLP(data.x_features, config.hidden, sizes.groups * sizes.categories)
 
     def forward(self, x, temperature, **batch):
-        c = self.config
+        c = self.sizes
         logits = self.encoder(x).reshape(x.shape[0], c.groups, c.categories)
         with pyro.plate("data", x.shape[0], device=x.device):
             pyro.sample("z", dist.RelaxedOneHotCategorical(x.new_tensor(temperature), logits=logits).to_event(1))
@@ -222,13 +238,16 @@ class CategoricalVAE(Model):
 class CategoricalGuide(Guide):
     """q(z_n | x_n) = OneHotCategorical(softmax(encoder(x_n))) per group (no rsample)."""
 
-    def __init__(self, config: DiscreteConfig, data, model):
+    Config = GuideConfig
+
+    def __init__(self, config: GuideConfig, data, model):
         super().__init__(data)
-        self.config = config
-        self.encoder = MLP(data.x_features, config.hidden, config.groups * config.categories)
+        sizes = model.config
+        self.sizes = sizes
+        self.encoder = MLP(data.x_features, config.hidden, sizes.groups * sizes.categories)
 
     def forward(self, x, **batch):
-        c = self.config
+        c = self.sizes
         logits = self.encoder(x).reshape(x.shape[0], c.groups, c.categories)
         with pyro.plate("data", x.shape[0], device=x.device):
             pyro.sample("z", dist.OneHotCategorical(logits=logits).to_event(1))
@@ -274,10 +293,13 @@ class TwoLayerVAE(Model):
 class TwoLayerGuide(Guide):
     """q(z1_n | x_n) = Normal(mu(x_n), sigma(x_n)),  q(z2_n | z1_n) = Normal(mu(z1_n), sigma(z1_n))."""
 
-    def __init__(self, config: TwoLayerConfig, data, model):
+    Config = GuideConfig
+
+    def __init__(self, config: GuideConfig, data, model):
         super().__init__(data)
-        self.bottom = MLP(data.x_features, config.hidden, 2 * config.bottom_dim)
-        self.top = MLP(config.bottom_dim, config.hidden, 2 * config.top_dim)
+        sizes = model.config
+        self.bottom = MLP(data.x_features, config.hidden, 2 * sizes.bottom_dim)
+        self.top = MLP(sizes.bottom_dim, config.hidden, 2 * sizes.top_dim)
 
     def forward(self, x, **batch):
         with pyro.plate("data", x.shape[0], device=x.device):
@@ -337,11 +359,14 @@ class GRUSequenceVAE(Model):
 class GRUSequenceGuide(Guide):
     """q(z_n | x_n) = Normal(mu(h_n), sigma(h_n)), h_n the GRU state at the last real token."""
 
-    def __init__(self, config: SequenceConfig, data, model):
+    Config = GuideConfig
+
+    def __init__(self, config: GuideConfig, data, model):
         super().__init__(data)
-        self.embedding = nn.Embedding(data.num_categories, config.embedding_dim)
-        self.gru = nn.GRU(config.embedding_dim, config.hidden_size, batch_first=True)
-        self.head = nn.Linear(config.hidden_size, 2 * config.latent_dim)
+        sizes = model.config
+        self.embedding = nn.Embedding(data.num_categories, sizes.embedding_dim)
+        self.gru = nn.GRU(sizes.embedding_dim, sizes.hidden_size, batch_first=True)
+        self.head = nn.Linear(sizes.hidden_size, 2 * sizes.latent_dim)
 
     def forward(self, x, lengths, **batch):
         outputs, _ = self.gru(self.embedding(x))
