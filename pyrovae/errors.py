@@ -21,3 +21,9 @@ class UnsupportedPairError(ConfigError):
     """An objective cannot treat a pair correctly (e.g. enumerated sites it cannot sum out,
     score-function sites it has no estimator for) and refuses it by name instead of
     returning a silently wrong number."""
+
+
+class MissingLatentSitesError(PairMismatchError, NotImplementedError):
+    """A model does not declare its ``latent_sites``. A :class:`PairMismatchError` (so the CLI and
+    the config report it in one line) and a ``NotImplementedError`` (what the unimplemented
+    property raised before, so code that catches that keeps working)."""

@@ -35,8 +35,19 @@ class Likelihood(nn.Module):
         return output.reshape(shape)
 
     def check_data(self, x: torch.Tensor) -> None:
-        if not torch.isfinite(x).all():
-            raise DataError(f"{type(self).__name__}: data contains NaN or infinite values")
+        if x.dtype.is_floating_point and not torch.isfinite(x).all():
+            offender = _first_offender(~torch.isfinite(x), x)
+            raise DataError(f"{type(self).__name__}: data contains NaN or infinite values ({offender})")
+
+
+def _first_offender(bad: torch.Tensor, x: torch.Tensor) -> str:
+    """``row r, feature f is v`` for the first True of ``bad`` (x's batch dims on the left)."""
+    index = tuple(int(i) for i in bad.nonzero()[0].tolist())
+    value = x[index].item()
+    shown = f"{value:g}" if isinstance(value, float) else str(value)
+    row, feature = index[0], index[1:]
+    where = f"row {row}" if not feature else f"row {row}, feature {feature[0] if len(feature) == 1 else feature}"
+    return f"{where} is {shown}"
 
 
 @LIKELIHOODS.register("bernoulli")
@@ -51,10 +62,12 @@ class BernoulliLikelihood(Likelihood):
 
     def check_data(self, x: torch.Tensor) -> None:
         super().check_data(x)
-        if not ((x == 0) | (x == 1)).all():
+        bad = (x != 0) & (x != 1)
+        if bad.any():
             low, high = float(x.min()), float(x.max())
             raise DataError(
-                f"Bernoulli likelihood needs binary data (0 or 1), but x has values in [{low:g}, {high:g}]; "
+                f"Bernoulli likelihood needs binary data (0 or 1), but x has values in [{low:g}, {high:g}] "
+                f"({_first_offender(bad, x)}); "
                 "binarize it (data.binarize = 'dynamic' or 'static') or choose a Gaussian likelihood"
             )
 
@@ -114,10 +127,13 @@ class CategoricalLikelihood(Likelihood):
 
     def check_data(self, x: torch.Tensor) -> None:
         super().check_data(x)
-        if not ((x == x.round()) & (x >= 0) & (x < self.num_categories)).all():
+        bad = (x < 0) | (x >= self.num_categories)
+        if x.dtype.is_floating_point:
+            bad = bad | (x != x.round())
+        if bad.any():
             raise DataError(
                 f"Categorical likelihood needs integer data in [0, {self.num_categories - 1}], "
-                f"but x has values in [{float(x.min()):g}, {float(x.max()):g}]"
+                f"but x has values in [{float(x.min()):g}, {float(x.max()):g}] ({_first_offender(bad, x)})"
             )
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pyrovae.data.labels import keep_labels_per_class
 from pyrovae.data.splits import DataSplits, make_splits
 from pyrovae.errors import DataError
 from pyrovae.pair import DataSpec
@@ -92,13 +93,14 @@ def load_idx_images(directory: str | Path, kind: str = "mnist", download: bool =
     )
 
 
-def _image_splits(name, train_x, train_y, test_x, test_y, validation, binarize, seed) -> DataSplits:
+def _image_splits(name, train_x, train_y, test_x, test_y, validation, binarize, seed, labels_per_class=0) -> DataSplits:
     image_shape = tuple(train_x.shape[1:])
     features = int(np.prod(image_shape))
     spec = DataSpec(name=name, x_shape=(features,), support="unit_interval", image_shape=image_shape, num_classes=10)
     train = {"x": train_x.reshape(len(train_x), features), "y": train_y}
     test = {"x": test_x.reshape(len(test_x), features), "y": test_y}
-    return make_splits(spec, train, test, validation=validation, binarize=binarize, seed=seed)
+    splits = make_splits(spec, train, test, validation=validation, binarize=binarize, seed=seed)
+    return keep_labels_per_class(splits, labels_per_class, seed)
 
 
 def _idx_data_set(kind: str, description: str):
@@ -110,11 +112,15 @@ def _idx_data_set(kind: str, description: str):
         validation: int | float = 10000,
         download: bool = False,
         seed: int = 0,
+        labels_per_class: int = 0,
     ) -> DataSplits:
-        return _image_splits(kind, *load_idx_images(dir, kind, download), validation, binarize, seed)
+        return _image_splits(kind, *load_idx_images(dir, kind, download), validation, binarize, seed, labels_per_class)
 
     load.__name__ = load.__qualname__ = kind.replace("-", "_")
-    load.__doc__ = f"{description} from IDX files in ``dir``: 60,000 train (less ``validation``), 10,000 test."
+    load.__doc__ = (
+        f"{description} from IDX files in ``dir``: 60,000 train (less ``validation``), 10,000 test, with labels "
+        "``y``. ``labels_per_class > 0`` keeps that many training labels per class (see :mod:`pyrovae.data.labels`)."
+    )
     return DATASETS.register(kind)(load)
 
 
@@ -123,9 +129,12 @@ fashion_mnist = _idx_data_set("fashion-mnist", "Fashion-MNIST (Xiao et al. 2017)
 
 
 @DATASETS.register("digits")
-def digits(binarize: str = "dynamic", validation: int | float = 0.1, test: float = 0.2, seed: int = 0) -> DataSplits:
-    """scikit-learn's handwritten digits (1,797 images of 8x8, grey levels 0..16), shipped with
-    scikit-learn, so it works offline. A ``test`` fraction is held out with a fixed seed."""
+def digits(
+    binarize: str = "dynamic", validation: int | float = 0.1, test: float = 0.2, seed: int = 0, labels_per_class: int = 0
+) -> DataSplits:
+    """scikit-learn's handwritten digits (1,797 images of 8x8, grey levels 0..16, labels ``y``), shipped
+    with scikit-learn, so it works offline. A ``test`` fraction is held out with a fixed seed.
+    ``labels_per_class > 0`` keeps that many training labels per class (see :mod:`pyrovae.data.labels`)."""
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
@@ -135,5 +144,13 @@ def digits(binarize: str = "dynamic", validation: int | float = 0.1, test: float
     test_size = int(round(test * len(images)))
     test_index, train_index = order[:test_size], order[test_size:]
     return _image_splits(
-        "digits", images[train_index], labels[train_index], images[test_index], labels[test_index], validation, binarize, seed
+        "digits",
+        images[train_index],
+        labels[train_index],
+        images[test_index],
+        labels[test_index],
+        validation,
+        binarize,
+        seed,
+        labels_per_class,
     )
