@@ -373,3 +373,21 @@ class GRUSequenceGuide(Guide):
         last = outputs[torch.arange(x.shape[0], device=x.device), lengths - 1]
         with pyro.plate("data", x.shape[0], device=x.device):
             pyro.sample("z", gaussian_head(self.head(last)))
+
+
+def toy_sequences(count: int = 600, vocabulary: int = 8, max_length: int = 10, seed: int = 0):
+    """Variable-length token rows with structure a latent can hold: arithmetic progressions
+    ``start, start + step, ...`` modulo ``vocabulary``, of length 3..max_length."""
+    from pyrovae.data import sequence_splits
+
+    generator = torch.Generator().manual_seed(seed)
+
+    def rows(n):
+        starts = torch.randint(0, vocabulary, (n,), generator=generator)
+        steps = torch.randint(1, 3, (n,), generator=generator)
+        lengths = torch.randint(3, max_length + 1, (n,), generator=generator)
+        return [[(int(s) + t * int(d)) % vocabulary for t in range(int(length))] for s, d, length in zip(starts, steps, lengths)]
+
+    return sequence_splits(
+        rows(count), rows(count // 4), validation=0.15, num_categories=vocabulary, max_length=max_length, name="toy_sequences", seed=seed
+    )

@@ -165,3 +165,10 @@ def test_sample_writes_integer_rows_for_token_data(tmp_path, capsys):
         assert all(isinstance(token, int) and 0 <= token < VOCABULARY for row in samples[key] for token in row)
     assert main(["sample", str(run), "--out", str(tmp_path / "no.png")]) == 2
     assert "has no image shape" in capsys.readouterr().err
+
+
+def test_a_limit_smaller_than_a_batch_is_honoured():
+    data = tokens()
+    batches = list(data.batches("test", 100, limit=7))
+    assert [int(batch["x"].shape[0]) for batch in batches] == [7]
+    assert all(int(value.shape[0]) == 7 for value in batches[0].values())

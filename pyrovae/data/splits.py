@@ -59,7 +59,7 @@ class DataSplits:
         dynamic = name == "train" and self.binarize == "dynamic"
         for start in range(0, size, batch_size):
             if order is None:
-                batch = {key: value[start : start + batch_size] for key, value in tensors.items()}
+                batch = {key: value[start : min(start + batch_size, size)] for key, value in tensors.items()}
             else:
                 index = order[start : start + batch_size]
                 batch = {key: value.index_select(0, index) for key, value in tensors.items()}

@@ -167,10 +167,6 @@ def evaluate_objective(
     with torch.no_grad():
         for batch in data.batches(split, batch_size, limit=limit):
             n = batch["x"].shape[0]
-            if limit is not None and count + n > limit:
-                # DataSplits.batches may hand out whole batches past the limit: keep its first rows.
-                n = limit - count
-                batch = {key: value[:n] if torch.is_tensor(value) else value for key, value in batch.items()}
             _, metrics = objective(model, guide, {**batch, **inputs} if inputs else batch)
             for key, value in metrics.items():
                 totals[key] = totals.get(key, 0.0) + value * n
