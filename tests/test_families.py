@@ -160,3 +160,26 @@ def test_gru_sequence_vae_on_variable_length_token_rows(tmp_path, capsys):
     samples = json.loads((tmp_path / "samples.json").read_text())
     assert all(0 <= token < 8 for row in samples["prior_samples"] for token in row)
     assert (run / "samples.json").exists()
+
+
+def test_m2_semi_supervised_with_enumerated_labels(tmp_path, capsys):
+    final, records, _ = run_family(
+        tmp_path,
+        capsys,
+        """
+        [data]
+        name = "digits"
+        labels_per_class = 20
+        [model]
+        name = "tests.families:M2"
+        [guide]
+        name = "tests.families:M2Guide"
+        [objective]
+        name = "enum_elbo"
+        """,
+    )
+    assert records[-1]["valid/elbo"] > records[0]["valid/elbo"]
+    # The label is summed out exactly: KL(q(y | x) || p(y)) lies in [0, ln 10].
+    assert 0.0 <= final["test_kl/y_unobserved"] <= math.log(10) + 1e-4
+    # log p(x) (labels summed out exactly, z importance-sampled) >= the ELBO, up to Monte Carlo error.
+    assert final["test_log_likelihood"] > final["test_elbo"] - 0.5

@@ -1,16 +1,19 @@
 """Objectives: ``objective(model, guide, batch) -> (loss, metrics)`` (see :mod:`.base`).
 
 Registered names: ``elbo`` (Trace_ELBO), ``meanfield_elbo`` (TraceMeanField_ELBO),
-``iwae`` (IWAE with VIMCO for score-function sites, optional DReG).
+``iwae`` (IWAE with VIMCO for score-function sites, optional DReG), ``enum_elbo``
+(TraceEnum_ELBO: enumerated discrete sites summed out exactly).
 """
 
 from pyrovae.objectives.base import Metrics, Objective, batch_size
 from pyrovae.objectives.elbo import ELBO, MeanFieldELBO
+from pyrovae.objectives.enum import EnumELBO
 from pyrovae.objectives.iwae import IWAE, detach_parameters, vimco_learning_signals
 from pyrovae.registry import OBJECTIVES
 
 __all__ = [
     "ELBO",
+    "EnumELBO",
     "IWAE",
     "MeanFieldELBO",
     "Metrics",
