@@ -18,6 +18,7 @@ class Registry:
     def __init__(self, kind: str, provider_modules: tuple[str, ...] = ()):
         self.kind = kind
         self._entries: dict[str, Any] = {}
+        self._prefixes: dict[str, Callable[[str, str], Any]] = {}
         self._provider_modules = provider_modules
 
     def register(self, name: str) -> Callable[[Any], Any]:
@@ -29,17 +30,26 @@ class Registry:
 
         return add
 
+    def register_prefix(self, prefix: str, factory: Callable[[str, str], Any]) -> None:
+        """Names ``"<prefix>:<rest>"`` resolve to ``factory(rest, where)`` instead of an import path
+        (``objective.name = "pyro:TraceGraph_ELBO"``)."""
+        self._prefixes[prefix] = factory
+
     def _load_providers(self) -> None:
         for module in self._provider_modules:
             importlib.import_module(module)
 
     def resolve(self, name: str, where: str = "") -> Any:
-        """A registered short name, or an import path ``"package.module:Attribute"``."""
+        """A registered short name, a registered prefix (``"pyro:Trace_ELBO"``), or an import path
+        ``"package.module:Attribute"``."""
         where = where or self.kind
         if not isinstance(name, str) or not name:
             raise ConfigError(f"{where}: expected a {self.kind} name (string), got {name!r}")
         if ":" in name:
             module_name, _, attribute = name.partition(":")
+            self._load_providers()
+            if module_name in self._prefixes:
+                return self._prefixes[module_name](attribute, where)
             try:
                 module = importlib.import_module(module_name)
             except ImportError as error:

@@ -57,29 +57,35 @@ class EnumELBO(Objective):
 
     def __call__(self, model, guide, batch):
         info = self.prepare(model, guide, batch)
-        ((model_trace, guide_trace),) = list(self._elbo(info.max_plate_nesting)._get_traces(model, guide, (), batch))
-        for name in info.model_enumerated:
-            site = model_trace.nodes.get(name)
-            if site is not None and is_annealed(site):
-                site["scale"] = site["infer"][UNANNEALED_SCALE]
-        value = _compute_dice_elbo(model_trace, guide_trace)
+        values, reported, kls = [], [], []
+        # One run with vectorized particles, or one per particle when Pyro's options ask for that.
+        for model_trace, guide_trace in self._elbo(info.max_plate_nesting)._get_traces(model, guide, (), batch):
+            for name in info.model_enumerated:
+                site = model_trace.nodes.get(name)
+                if site is not None and is_annealed(site):
+                    site["scale"] = site["infer"][UNANNEALED_SCALE]
+            value = _compute_dice_elbo(model_trace, guide_trace)
+            values.append(value)
+            with torch.no_grad():
+                annealed = [
+                    site
+                    for trace in (model_trace, guide_trace)
+                    for _, site in latent_sites(trace)
+                    if is_annealed(site) and site["name"] not in info.model_enumerated
+                ]
+                for site in annealed:  # report the unannealed numbers: swap in the reported log-densities
+                    site["packed"]["log_prob"] = packed.pack(reported_log_prob(site), site["infer"]["_dim_to_symbol"])
+                reported.append(_compute_dice_elbo(model_trace, guide_trace) if annealed else value.detach())
+                kls.append(self._kl_by_site(model_trace, guide_trace))
         count = batch_size(batch) * self.num_particles
-        loss = value * (-1.0 / count)
+        loss = sum(values) * (-1.0 / count)
         with torch.no_grad():
-            annealed = [
-                site
-                for trace in (model_trace, guide_trace)
-                for _, site in latent_sites(trace)
-                if is_annealed(site) and site["name"] not in info.model_enumerated
-            ]
-            for site in annealed:  # report the unannealed numbers: swap in the reported log-densities
-                site["packed"]["log_prob"] = packed.pack(reported_log_prob(site), site["infer"]["_dim_to_symbol"])
-            reported = _compute_dice_elbo(model_trace, guide_trace) if annealed else value.detach()
-            kl = self._kl_by_site(model_trace, guide_trace)
-            total_kl = sum(kl.values()) if kl else torch.zeros_like(reported)
+            elbo = sum(reported)
+            kl = {name: sum(run[name] for run in kls) for name in kls[0]}
+            total_kl = sum(kl.values()) if kl else torch.zeros_like(elbo)
         metrics = stacked_metrics(
             ["elbo", "reconstruction", *(f"kl/{name}" for name in kl)],
-            [reported, reported + total_kl, *kl.values()],
+            [elbo, elbo + total_kl, *kl.values()],
             1.0 / count,
         )
         return loss, metrics
