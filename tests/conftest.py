@@ -18,6 +18,16 @@ def tiny_pair(features=12, latent_dim=3, hidden=(16,), likelihood="bernoulli", *
     return model, guide
 
 
+def grads(*modules):
+    """All parameter gradients of ``modules``, flattened into one vector."""
+    return torch.cat([p.grad.flatten() for m in modules for p in m.parameters()])
+
+
+def zero(*modules):
+    for m in modules:
+        m.zero_grad(set_to_none=True)
+
+
 @pytest.fixture
 def binary_batch():
     generator = torch.Generator().manual_seed(0)

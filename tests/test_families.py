@@ -3,28 +3,39 @@ runs ``evaluate`` and ``sample``: the pairs in ``tests/families.py``, written as
 
 import json
 import math
-import textwrap
 from pathlib import Path
 
 import pytest
 
 from pyrovae.cli import main
-
-COMMON = """
-[train]
-epochs = {epochs}
-batch_size = 128
-lr = 3e-3
-[evaluate]
-particles = 10
-test_examples = 100
-"""
+from pyrovae.config import dump_toml
 
 
-def run_family(tmp_path: Path, capsys, experiment: str, epochs: int = 3, sample_name: str = "samples.png") -> tuple[dict, list[dict], Path]:
-    """train -> evaluate -> sample through the CLI; returns final.json, metrics.jsonl records, the run folder."""
+def run_family(
+    tmp_path: Path,
+    capsys,
+    model: str,
+    guide: str,
+    *,
+    model_options: dict | None = None,
+    data: dict | None = None,
+    epochs: int = 3,
+    sample_name: str = "samples.png",
+    **tables,
+) -> tuple[dict, list[dict], Path]:
+    """Write the experiment as TOML, then train -> evaluate -> sample through the CLI; returns
+    final.json, the metrics.jsonl records and the run folder."""
+    experiment = {
+        "seed": 0,
+        "data": data or {"name": "digits"},
+        "model": {"name": f"tests.families:{model}", **(model_options or {})},
+        "guide": {"name": f"tests.families:{guide}"},
+        **tables,
+        "train": {"epochs": epochs, "batch_size": 128, "lr": 3e-3},
+        "evaluate": {"particles": 10, "test_examples": 100},
+    }
     path = tmp_path / "experiment.toml"
-    path.write_text("seed = 0\n" + textwrap.dedent(experiment) + COMMON.format(epochs=epochs))
+    path.write_text(dump_toml(experiment))
     run = tmp_path / "run"
     assert main(["train", str(path), "--out", str(run), "--no-progress"]) == 0, capsys.readouterr().err
     final = json.loads(capsys.readouterr().out)
@@ -46,14 +57,8 @@ def test_conditional_vae_with_a_prior_network(tmp_path, capsys):
     final, records, _ = run_family(
         tmp_path,
         capsys,
-        """
-        [data]
-        name = "digits"
-        [model]
-        name = "tests.families:ConditionalVAE"
-        [guide]
-        name = "tests.families:ConditionalGuide"
-        """,
+        "ConditionalVAE",
+        "ConditionalGuide",
     )
     assert records[-1]["valid/elbo"] > records[0]["valid/elbo"]
     # log p(x | y) >= ELBO, up to Monte Carlo error.
@@ -64,19 +69,9 @@ def test_gumbel_softmax_vae_with_an_annealed_temperature(tmp_path, capsys):
     final, records, _ = run_family(
         tmp_path,
         capsys,
-        """
-        [data]
-        name = "digits"
-        [model]
-        name = "tests.families:GumbelSoftmaxVAE"
-        [guide]
-        name = "tests.families:GumbelSoftmaxGuide"
-        [schedules.temperature]
-        name = "exponential_decay"
-        rate = 0.02
-        initial = 1.0
-        minimum = 0.5
-        """,
+        "GumbelSoftmaxVAE",
+        "GumbelSoftmaxGuide",
+        schedules={"temperature": {"name": "exponential_decay", "rate": 0.02, "initial": 1.0, "minimum": 0.5}},
     )
     temperatures = [record["schedule/temperature"] for record in records]
     steps = [record["step"] for record in records]
@@ -89,19 +84,10 @@ def test_categorical_latents_under_iwae_use_vimco_and_do_not_collapse(tmp_path, 
     final, records, _ = run_family(
         tmp_path,
         capsys,
-        """
-        [data]
-        name = "digits"
-        [model]
-        name = "tests.families:CategoricalVAE"
-        groups = 4
-        categories = 5
-        [guide]
-        name = "tests.families:CategoricalGuide"
-        [objective]
-        name = "iwae"
-        particles = 4
-        """,
+        "CategoricalVAE",
+        "CategoricalGuide",
+        model_options={"groups": 4, "categories": 5},
+        objective={"name": "iwae", "particles": 4},
         epochs=4,
     )
     assert records[-1]["valid/iwae"] > records[0]["valid/iwae"]
@@ -114,20 +100,9 @@ def test_two_layer_model_with_per_site_beta_from_toml(tmp_path, capsys):
     final, records, _ = run_family(
         tmp_path,
         capsys,
-        """
-        [data]
-        name = "digits"
-        [model]
-        name = "tests.families:TwoLayerVAE"
-        [guide]
-        name = "tests.families:TwoLayerGuide"
-        [anneal]
-        name = "linear"
-        warmup_steps = 10
-        [anneal.sites.z2]
-        name = "linear"
-        warmup_steps = 60
-        """,
+        "TwoLayerVAE",
+        "TwoLayerGuide",
+        anneal={"name": "linear", "warmup_steps": 10, "sites": {"z2": {"name": "linear", "warmup_steps": 60}}},
     )
     for record in records:
         assert record["beta"] == pytest.approx(min(1.0, record["step"] / 10))
@@ -139,14 +114,9 @@ def test_gru_sequence_vae_on_variable_length_token_rows(tmp_path, capsys):
     final, records, run = run_family(
         tmp_path,
         capsys,
-        """
-        [data]
-        name = "tests.families:toy_sequences"
-        [model]
-        name = "tests.families:GRUSequenceVAE"
-        [guide]
-        name = "tests.families:GRUSequenceGuide"
-        """,
+        "GRUSequenceVAE",
+        "GRUSequenceGuide",
+        data={"name": "tests.families:toy_sequences"},
         epochs=4,
         sample_name="samples.json",
     )
@@ -166,17 +136,10 @@ def test_m2_semi_supervised_with_enumerated_labels(tmp_path, capsys):
     final, records, _ = run_family(
         tmp_path,
         capsys,
-        """
-        [data]
-        name = "digits"
-        labels_per_class = 20
-        [model]
-        name = "tests.families:M2"
-        [guide]
-        name = "tests.families:M2Guide"
-        [objective]
-        name = "enum_elbo"
-        """,
+        "M2",
+        "M2Guide",
+        data={"name": "digits", "labels_per_class": 20},
+        objective={"name": "enum_elbo"},
     )
     assert records[-1]["valid/elbo"] > records[0]["valid/elbo"]
     # The label is summed out exactly: KL(q(y | x) || p(y)) lies in [0, ln 10].

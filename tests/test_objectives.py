@@ -6,27 +6,24 @@ import pytest
 import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
-from pyrovae.objectives import ELBO, IWAE, MeanFieldELBO
-from tests.conftest import tiny_pair
-
-
-def grads(*modules):
-    return torch.cat([p.grad.flatten() for m in modules for p in m.parameters()])
-
-
-def zero(*modules):
-    for m in modules:
-        m.zero_grad(set_to_none=False)
+from pyrovae.objectives import ELBO, IWAE, MeanFieldELBO, build_objective
+from tests.conftest import grads, tiny_pair, zero
 
 
 @pytest.mark.parametrize(
     "ours, pyros",
-    [(ELBO(max_plate_nesting=1), Trace_ELBO()), (MeanFieldELBO(max_plate_nesting=1), TraceMeanField_ELBO())],
-    ids=["elbo", "meanfield"],
+    [
+        (ELBO(max_plate_nesting=1), Trace_ELBO()),
+        (MeanFieldELBO(max_plate_nesting=1), TraceMeanField_ELBO()),
+        (build_objective("pyro:Trace_ELBO"), Trace_ELBO()),
+        (build_objective("pyro:TraceMeanField_ELBO"), TraceMeanField_ELBO()),
+    ],
+    ids=["elbo", "meanfield", "pyro:Trace_ELBO", "pyro:TraceMeanField_ELBO"],
 )
 def test_loss_and_gradients_equal_pyros(ours, pyros, binary_batch):
     model, guide = tiny_pair()
     n = binary_batch["x"].shape[0]
+    ours.prepare(model, guide, binary_batch)
     pyro.set_rng_seed(1)
     loss, _ = ours(model, guide, binary_batch)
     loss.backward()

@@ -4,38 +4,21 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from pyro.infer import TraceEnum_ELBO, TraceGraph_ELBO, Trace_ELBO
+from pyro.infer import TraceEnum_ELBO, TraceGraph_ELBO
 
 from pyrovae.config import resolve_config
 from pyrovae.errors import ConfigError, UnsupportedPairError
 from pyrovae.objectives import ELBO, IWAE, build_objective
-from tests.conftest import tiny_pair
+from tests.conftest import grads, tiny_pair, zero
 
 
-def grads(*modules):
-    return torch.cat([p.grad.flatten() for m in modules for p in m.parameters()])
-
-
-def zero(*modules):
-    for m in modules:
-        m.zero_grad(set_to_none=True)
-
-
-def test_pyro_trace_elbo_gives_pyros_loss_gradients_and_our_metrics(binary_batch):
+def test_pyro_trace_elbo_metrics_are_ours_on_the_same_draws(binary_batch):
+    """Loss and gradients equal Pyro's own: tests/test_objectives.py. Here: the metrics."""
     model, guide = tiny_pair()
-    n = binary_batch["x"].shape[0]
     objective = build_objective("pyro:Trace_ELBO")
     objective.prepare(model, guide, binary_batch)
     pyro.set_rng_seed(1)
-    loss, metrics = objective(model, guide, binary_batch)
-    loss.backward()
-    ours = grads(model, guide)
-    zero(model, guide)
-    pyro.set_rng_seed(1)
-    reference = Trace_ELBO().differentiable_loss(model, guide, **binary_batch) / n
-    reference.backward()
-    assert float(loss) == pytest.approx(float(reference), abs=1e-5)
-    assert torch.allclose(ours, grads(model, guide), atol=1e-6)
+    _, metrics = objective(model, guide, binary_batch)
     pyro.set_rng_seed(1)
     _, native = ELBO(max_plate_nesting=1)(model, guide, binary_batch)
     for key in ("elbo", "reconstruction", "kl/z"):
