@@ -7,14 +7,39 @@ import json
 import sys
 from pathlib import Path
 
-from pyrovae.config import apply_overrides, load_toml
-from pyrovae.errors import ConfigError, DataError, NonFiniteLossError, PairMismatchError, UnsupportedPairError
+import pyrovae
+from pyrovae.config import load_experiment
+from pyrovae.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, PairMismatchError
 from pyrovae.experiment import Experiment
+
+# Failures that are the user's to fix: one line on stderr, exit 2, no traceback.
+USER_ERRORS = (ConfigError, DataError, PairMismatchError, NonFiniteLossError, CheckpointError, FileNotFoundError)
+
+
+def _count(low: int, meaning: str = ""):
+    """An argparse type: an integer >= low."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}{meaning}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}{meaning}, got {value}")
+        return value
+
+    return parse
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyrovae", description="Variational autoencoders as Pyro model/guide pairs.")
+    parser.add_argument("--version", action="version", version=f"pyrovae {pyrovae.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
+    device_help = "auto, cpu, cuda or cuda:N (the same as --set train.device=...)"
+    portable_help = (
+        "change a setting that does not change the trained run (TOML syntax): data.dir, data.download, "
+        "train.device, evaluate.*; e.g. --set data.dir=/new/place/of/the/data"
+    )
 
     train = commands.add_parser(
         "train",
@@ -24,16 +49,30 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("experiment", help="experiment TOML file")
     train.add_argument("--out", help="run folder (default: runs/<experiment name>)")
     train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value (TOML syntax)")
-    train.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its latest checkpoint (it may raise train.epochs and change train.lr, "
+        "train.clip_norm, data.dir, the device and evaluate.*)",
+    )
+    train.add_argument("--device", help=device_help)
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     evaluate = commands.add_parser(
         "evaluate", help="print a run's test metrics as JSON: the objective's own (test_elbo, test_iwae ...) and log p(x)"
     )
     evaluate.add_argument("run_dir")
-    evaluate.add_argument("--particles", type=int, help="importance samples per example (default: the run's evaluate.particles)")
+    evaluate.add_argument(
+        "--particles", type=_count(1), help="importance samples per example, >= 1 (default: the run's evaluate.particles)"
+    )
     evaluate.add_argument("--checkpoint", choices=["best", "latest"], help="which parameters (default: the run's evaluate.checkpoint)")
-    evaluate.add_argument("--test-examples", type=int, help="use the first N test examples (0: all; default: the run's evaluate.test_examples)")
+    evaluate.add_argument(
+        "--test-examples",
+        type=_count(0, " (0: all)"),
+        help="use the first N test examples (0: all; default: the run's evaluate.test_examples)",
+    )
+    evaluate.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help=portable_help)
+    evaluate.add_argument("--device", help=device_help)
     evaluate.add_argument("--no-progress", action="store_true")
 
     sample_help = (
@@ -46,21 +85,25 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("run_dir")
     sample.add_argument("--out", help="output path (default: RUN_DIR/samples.png for images, RUN_DIR/samples.json otherwise)")
     sample.add_argument("--checkpoint", choices=["best", "latest"], default="best")
-    sample.add_argument("--count", type=int, default=16, help="how many prior samples and test rows (default 16)")
+    sample.add_argument("--count", type=_count(1), default=16, help="how many prior samples and test rows (default 16)")
+    sample.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help=portable_help)
+    sample.add_argument("--device", help=device_help)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    overrides = list(args.set) + ([f"train.device={args.device}"] if args.device else [])
+    run_dir = None
     try:
         if args.command == "train":
-            raw = apply_overrides(load_toml(args.experiment), args.set)
             run_dir = Path(args.out or Path("runs") / Path(args.experiment).stem)
-            final = Experiment.from_config(raw).train(run_dir, resume=args.resume, progress=not args.no_progress)
+            experiment = Experiment.from_config(load_experiment(args.experiment, overrides))
+            final = experiment.train(run_dir, resume=args.resume, progress=not args.no_progress)
             print(json.dumps(final, indent=2))
             print(f"run folder: {run_dir}", file=sys.stderr)
         elif args.command == "evaluate":
-            experiment = Experiment.from_run(args.run_dir)
+            experiment = Experiment.from_run(args.run_dir, overrides, command="evaluate")
             which = args.checkpoint or experiment.evaluate_config.checkpoint
             experiment.load_parameters(args.run_dir, which)
             if args.test_examples is not None:
@@ -69,15 +112,27 @@ def main(argv: list[str] | None = None) -> int:
             metrics["checkpoint"] = which
             print(json.dumps(metrics, indent=2))
         elif args.command == "sample":
-            experiment = Experiment.from_run(args.run_dir)
+            experiment = Experiment.from_run(args.run_dir, overrides, command="sample")
             experiment.load_parameters(args.run_dir, args.checkpoint)
             print(experiment.write_samples(args.out, run_dir=args.run_dir, count=args.count))
-    except (ConfigError, UnsupportedPairError, DataError, PairMismatchError, NonFiniteLossError, FileNotFoundError) as error:
+    except USER_ERRORS as error:
         # One line: an error raised inside a Pyro trace comes back with the trace's shape table appended.
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(f"pyrovae {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\npyrovae {args.command}: interrupted{_resume_hint(args, run_dir)}", file=sys.stderr)
+        return 130
     return 0
+
+
+def _resume_hint(args, run_dir: Path | None) -> str:
+    if args.command != "train" or run_dir is None or not (run_dir / "checkpoints").is_dir():
+        return ""
+    return (
+        f"; {run_dir}/checkpoints/latest.pt holds the last finished epoch. Continue with: "
+        f"pyrovae train {args.experiment} --out {run_dir} --resume"
+    )
 
 
 if __name__ == "__main__":

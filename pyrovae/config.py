@@ -7,6 +7,11 @@ keys are checked against the part's config dataclass (``Config`` attribute) or t
 signature of its constructor, so every wrong key, missing key or wrong type is a
 :class:`ConfigError` that names the key and what was expected.
 
+Options annotated ``pathlib.Path`` (e.g. ``[data] dir``) are paths: a relative one in an
+experiment file is taken relative to that file's folder, one given with ``--set`` relative to the
+working directory, and the run folder's ``config.toml`` stores them absolute (so a run can be
+evaluated and resumed from anywhere). ``~`` is expanded.
+
 Schedules other than the one beta are tables of schedule tables, each checked the same way:
 ``[anneal.sites.<site>]`` (a per-site beta overriding ``[anneal]``) and
 ``[schedules.<input>]`` (a named input that the model or guide declares in its
@@ -18,11 +23,13 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import math
+import os
 import tomllib
 import types
 import typing
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 from pyrovae.errors import ConfigError
@@ -47,8 +54,9 @@ class EvaluateConfig:
     def __post_init__(self):
         if self.checkpoint not in ("best", "latest"):
             raise ValueError(f"evaluate.checkpoint must be 'best' or 'latest', got {self.checkpoint!r}")
-        if self.particles < 1:
-            raise ValueError(f"evaluate.particles must be >= 1, got {self.particles}")
+        for key, low, meaning in (("particles", 1, ""), ("test_examples", 0, " (0: all)"), ("batch_size", 1, "")):
+            if getattr(self, key) < low:
+                raise ValueError(f"evaluate.{key} = {getattr(self, key)!r} is not allowed: it must be >= {low}{meaning}")
 
 
 FIXED_SECTIONS = {"train": TrainConfig, "evaluate": EvaluateConfig}
@@ -57,9 +65,71 @@ TOP_LEVEL = {"seed": int, "description": str}
 SCHEDULE_SECTIONS = ("schedules",)
 
 
+# Settings that do not change the model, the data's content or the optimization already done:
+# `evaluate`, `sample` and `--resume` accept them with --set (e.g. data moved to another folder).
+PORTABLE_SETTINGS = ("data.dir", "data.download", "train.device", "evaluate.")
+# A resume may also raise the epochs, and change the step size and clipping (e.g. after the
+# non-finite guard stopped a run).
+RESUMABLE_SETTINGS = PORTABLE_SETTINGS + (
+    "train.epochs",
+    "train.lr",
+    "train.guide_lr",
+    "train.clip_norm",
+    "train.max_nonfinite_retries",
+    "train.log_every",
+)
+
+
+def is_allowed_setting(key: str, allowed: tuple[str, ...]) -> bool:
+    return any(key == item or (item.endswith(".") and key.startswith(item)) for item in allowed)
+
+
+def _is_path(annotation) -> bool:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_is_path(a) for a in typing.get_args(annotation))
+    return isinstance(annotation, type) and issubclass(annotation, PurePath)
+
+
+def absolute_path(value: str | PurePath, base_dir: str | Path | None) -> str:
+    """``value`` with ``~`` expanded, joined to ``base_dir`` when relative, normalised (as a string)."""
+    path = Path(value).expanduser()
+    if not path.is_absolute() and base_dir is not None:
+        path = Path(base_dir).expanduser().absolute() / path
+    return os.path.normpath(path) if path.is_absolute() else str(path)
+
+
+def resolve_paths(raw: dict, base_dir: str | Path) -> dict:
+    """A copy of ``raw`` whose relative path options (annotated ``pathlib.Path``) are made absolute
+    against ``base_dir``. Tables whose part cannot be resolved are left for :func:`resolve_config`
+    to report."""
+    raw = json.loads(json.dumps(raw))
+    for section, registry in PART_REGISTRIES.items():
+        table = raw.get(section)
+        if not isinstance(table, dict):
+            continue
+        try:
+            fields = option_fields(registry.resolve(table.get("name", DEFAULT_PARTS.get(section))))
+        except Exception:  # noqa: BLE001 - reported with its key by resolve_config
+            continue
+        for key, value in table.items():
+            if key in fields and _is_path(fields[key][0]) and isinstance(value, str):
+                table[key] = absolute_path(value, base_dir)
+    return raw
+
+
+def load_experiment(path: str | Path, overrides: list[str] = ()) -> dict:
+    """An experiment file with ``--set`` overrides applied: the file's relative paths resolve
+    against its folder, the overrides' against the working directory."""
+    path = Path(path)
+    raw = resolve_paths(load_toml(path), path.parent)
+    return resolve_paths(apply_overrides(raw, list(overrides)), Path.cwd())
+
+
 def describe(annotation) -> str:
     if annotation is inspect.Parameter.empty or annotation is Any:
         return "any value"
+    if _is_path(annotation) and not typing.get_origin(annotation):
+        return "a path (a string)"
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         return " or ".join(describe(a) for a in typing.get_args(annotation))
@@ -86,6 +156,8 @@ def conforms(value, annotation) -> bool:
         return isinstance(value, dict)
     if annotation is type(None):
         return value is None
+    if _is_path(annotation) and not typing.get_origin(annotation):
+        return isinstance(value, (str, PurePath))
     if annotation is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if annotation is int:
@@ -137,7 +209,7 @@ def check_options(section: str, label: str, options: dict, fields: dict) -> dict
         if key not in options:
             if default is inspect.Parameter.empty:
                 raise ConfigError(f"[{section}] missing required key {key!r} for {label} ({describe(annotation)})")
-            resolved[key] = default
+            resolved[key] = absolute_path(default, None) if _is_path(annotation) and isinstance(default, (str, PurePath)) else default
             continue
         value = options[key]
         if not conforms(value, annotation):
@@ -146,6 +218,10 @@ def check_options(section: str, label: str, options: dict, fields: dict) -> dict
             )
         if isinstance(value, int) and not isinstance(value, bool) and not _accepts_int(annotation):
             value = float(value)  # an integer where only a number fits: 1 -> 1.0
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"[{section}] {key} = {value!r}: expected a finite number for {label}")
+        if _is_path(annotation) and isinstance(value, (str, PurePath)):
+            value = absolute_path(value, None)  # "~" expanded; relative ones were resolved on loading
         resolved[key] = value
     return resolved
 

@@ -27,3 +27,17 @@ class MissingLatentSitesError(PairMismatchError, NotImplementedError):
     """A model does not declare its ``latent_sites``. A :class:`PairMismatchError` (so the CLI and
     the config report it in one line) and a ``NotImplementedError`` (what the unimplemented
     property raised before, so code that catches that keeps working)."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be loaded: missing, damaged or truncated. The message names the file and
+    says what to do."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A file asks the unpickler to build objects other than tensors and plain values (it could run
+    code): refused, never loaded."""
+
+
+class RunFolderError(ConfigError):
+    """A run folder cannot be used: another process holds it, or it holds files that are not a run."""

@@ -19,23 +19,82 @@ gives) plus the scheduled inputs at the loaded checkpoint's step.
 from __future__ import annotations
 
 import json
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock, Timeout
 
 from pyrovae.analysis import importance_log_likelihood, sample_grid, sample_rows, training_curves
-from pyrovae.config import EvaluateConfig, PART_REGISTRIES, dump_toml, load_toml, resolve_config
-from pyrovae.data.splits import DataSplits
-from pyrovae.errors import ConfigError
+from pyrovae.config import (
+    PART_REGISTRIES,
+    PORTABLE_SETTINGS,
+    RESUMABLE_SETTINGS,
+    EvaluateConfig,
+    apply_overrides,
+    dump_toml,
+    is_allowed_setting,
+    load_toml,
+    resolve_config,
+    resolve_paths,
+)
+from pyrovae.data.splits import DataSplits, check_loader_result
+from pyrovae.errors import ConfigError, RunFolderError
+from pyrovae.traces import preserved_rng
 from pyrovae.registry import SCHEDULES
 from pyrovae.schedules import StepSchedules
-from pyrovae.train import BEST, LATEST, TrainConfig, evaluate_objective, fit, load_checkpoint, resolve_device
+from pyrovae.train import (
+    BEST,
+    LATEST,
+    TrainConfig,
+    evaluate_objective,
+    fit,
+    load_checkpoint_or_previous,
+    previous_path,
+    resolve_device,
+)
 
 CONFIG_FILE = "config.toml"
 FINAL_FILE = "final.json"
+# Held (an OS file lock, released even when the process is killed) while a run trains.
+LOCK_FILE = ".pyrovae.lock"
+# Written when pyrovae makes a folder a run folder: a folder without it (or a checkpoint) that
+# holds files is the user's, and is not written into.
+RUN_MARKER = ".pyrovae-run"
+
+
+@contextmanager
+def locked_run_folder(run_dir: Path):
+    """Hold ``run_dir``'s lock, or fail at once if another process holds it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(run_dir / LOCK_FILE))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise RunFolderError(
+            f"{run_dir} is in use by another pyrovae process (it holds {run_dir / LOCK_FILE}); "
+            "wait for it to finish, or train into another --out folder"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _holds_a_run(run_dir: Path) -> bool:
+    checkpoints = run_dir / "checkpoints"
+    return any((checkpoints / name).exists() for name in (LATEST, previous_path(LATEST)))
+
+
+def _check_overrides(overrides: dict, allowed: tuple[str, ...], command: str) -> None:
+    refused = sorted(key for key in _flatten(overrides) if not is_allowed_setting(key, allowed))
+    if refused:
+        shown = ", ".join(item + ("*" if item.endswith(".") else "") for item in allowed)
+        raise ConfigError(f"{command}: --set {refused[0]} would change the trained run; only {shown} may be changed here")
 
 
 def _flatten(config: dict, prefix: str = "") -> dict:
@@ -83,7 +142,7 @@ class Experiment:
     @classmethod
     def from_config(cls, raw: dict) -> "Experiment":
         config = resolve_config(raw)
-        data = _construct("data", config["data"])
+        data = check_loader_result(_construct("data", config["data"]), config["data"]["name"])
         torch.manual_seed(config["seed"])
         model = _construct("model", config["model"], data.spec)
         guide = _construct("guide", config["guide"], data.spec, model)
@@ -116,19 +175,22 @@ class Experiment:
         return self.schedules().input_values(self.step)
 
     @classmethod
-    def from_run(cls, run_dir: str | Path) -> "Experiment":
+    def from_run(cls, run_dir: str | Path, overrides: list[str] = (), command: str = "evaluate") -> "Experiment":
+        """The experiment of a run folder, with ``--set`` overrides of settings that do not change
+        the trained run (:data:`pyrovae.config.PORTABLE_SETTINGS`, e.g. ``data.dir`` for moved data)."""
         run_dir = Path(run_dir)
         if not (run_dir / CONFIG_FILE).exists():
             raise ConfigError(f"{run_dir} is not a run folder (no {CONFIG_FILE})")
-        raw = load_toml(run_dir / CONFIG_FILE)
+        _check_overrides(apply_overrides({}, list(overrides)), PORTABLE_SETTINGS, command)
+        raw = resolve_paths(apply_overrides(load_toml(run_dir / CONFIG_FILE), list(overrides)), Path.cwd())
         return cls.from_config(raw)
 
     def load_parameters(self, run_dir: str | Path, which: str = "best") -> dict:
+        """Load the run's ``best`` or ``latest`` parameters (falling back, with a message, to the
+        previous copy of a damaged checkpoint)."""
         path = Path(run_dir) / "checkpoints" / (BEST if which == "best" else LATEST)
-        if not path.exists():
-            raise FileNotFoundError(f"no checkpoint {path}; train first")
         device = resolve_device(self.train_config.device)
-        saved = load_checkpoint(path, device)
+        saved = load_checkpoint_or_previous(path, device, warn=lambda message: print(message, file=sys.stderr))
         self.model.load_state_dict(saved["model"])
         self.guide.load_state_dict(saved["guide"])
         self.step = int(saved["state"]["step"])
@@ -138,13 +200,30 @@ class Experiment:
         return saved
 
     def train(self, run_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
+        """Train into ``run_dir`` (locked against other processes while this one works in it) and
+        write the test metrics, plots and samples. ``resume`` continues from the latest checkpoint;
+        a finished or early-stopped run resumes to the same result without training further."""
         run_dir = Path(run_dir)
-        config_path = run_dir / CONFIG_FILE
+        with locked_run_folder(run_dir):
+            return self._train_locked(run_dir, resume, progress)
+
+    def _check_run_folder(self, run_dir: Path, resume: bool) -> None:
         if resume:
-            self._check_same_experiment(config_path)
-        elif (run_dir / "checkpoints" / LATEST).exists():
-            raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it or --out to start a new one")
-        run_dir.mkdir(parents=True, exist_ok=True)
+            self._check_same_experiment(run_dir / CONFIG_FILE)
+            return
+        if _holds_a_run(run_dir):
+            raise RunFolderError(f"{run_dir} already holds a run; pass --resume to continue it or --out to start a new one")
+        foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in (LOCK_FILE, RUN_MARKER))
+        if foreign and not (run_dir / RUN_MARKER).exists():
+            raise RunFolderError(
+                f"--out {run_dir} holds files that are not a pyrovae run ({', '.join(foreign[:3])}"
+                f"{', ...' if len(foreign) > 3 else ''}); choose a new or empty folder"
+            )
+
+    def _train_locked(self, run_dir: Path, resume: bool, progress: bool) -> dict:
+        config_path = run_dir / CONFIG_FILE
+        self._check_run_folder(run_dir, resume)
+        (run_dir / RUN_MARKER).touch()
         config_path.write_text(dump_toml(self.config))
         started = time.perf_counter()
         result = fit(
@@ -180,26 +259,39 @@ class Experiment:
             raise ConfigError(f"--resume: {config_path.parent} has no {CONFIG_FILE}; nothing to resume")
         saved, current = _flatten(resolve_config(load_toml(config_path))), _flatten(self.config)
         differences = sorted(
-            key for key in set(saved) | set(current) if key != "train.epochs" and saved.get(key) != current.get(key)
+            key
+            for key in set(saved) | set(current)
+            if not is_allowed_setting(key, RESUMABLE_SETTINGS) and saved.get(key) != current.get(key)
         )
         if differences:
-            raise ConfigError(f"--resume: the experiment differs from the saved run in {', '.join(differences)}")
+            raise ConfigError(
+                f"--resume: the experiment differs from the saved run in {', '.join(differences)}; a resume may "
+                f"change only {', '.join(k + ('*' if k.endswith('.') else '') for k in RESUMABLE_SETTINGS)}"
+            )
 
     def test_metrics(self, particles: int | None = None, progress: bool = False) -> dict:
         """The configured objective's own metrics on the test set (unannealed), each as
         ``test_<metric>``, and the importance-sampled log-likelihood, all on whole batches with
-        the scheduled inputs at the loaded step."""
+        the scheduled inputs at the loaded step.
+
+        The draws come from a generator seeded with the experiment's ``seed`` (the training RNG is
+        left as it was), so ``final.json`` and ``pyrovae evaluate`` give the same numbers for the
+        same checkpoint and settings."""
         evaluate = self.evaluate_config
-        particles = particles or evaluate.particles
+        particles = evaluate.particles if particles is None else particles
+        if particles < 1:
+            raise ConfigError(f"particles = {particles}: importance sampling needs at least 1 particle")
         limit = evaluate.test_examples or None
         inputs = self.inputs()
-        metrics = evaluate_objective(
-            self.model, self.guide, self.objective, self.data, "test", evaluate.batch_size, limit=limit, inputs=inputs
-        )
-        test = {key: value[:limit] for key, value in self.data.test.items()}
-        log_likelihood = importance_log_likelihood(
-            self.model, self.guide, test, particles=particles, inputs=inputs, batch_size=evaluate.batch_size, progress=progress
-        )
+        with preserved_rng():
+            torch.manual_seed(self.config["seed"])
+            metrics = evaluate_objective(
+                self.model, self.guide, self.objective, self.data, "test", evaluate.batch_size, limit=limit, inputs=inputs
+            )
+            test = {key: value[:limit] for key, value in self.data.test.items()}
+            log_likelihood = importance_log_likelihood(
+                self.model, self.guide, test, particles=particles, inputs=inputs, batch_size=evaluate.batch_size, progress=progress
+            )
         return {
             **{f"test_{key}": value for key, value in metrics.items()},
             "test_log_likelihood": float(log_likelihood.mean()),

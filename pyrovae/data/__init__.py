@@ -70,11 +70,13 @@ Semi-supervised labels: the built-in image loaders take ``labels_per_class`` (se
 from pyrovae.data.images import digits, download_idx, fashion_mnist, load_idx_images, mnist, read_idx
 from pyrovae.data.labels import keep_labels_per_class
 from pyrovae.data.sequences import pad_sequences, sequence_splits
-from pyrovae.data.splits import Batch, DataSplits, make_splits
+from pyrovae.data.splits import Batch, DataSplits, check_loader_result, check_splits, make_splits
 
 __all__ = [
     "Batch",
     "DataSplits",
+    "check_loader_result",
+    "check_splits",
     "digits",
     "download_idx",
     "fashion_mnist",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import struct
 import urllib.request
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -30,15 +31,31 @@ MIRRORS = {
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
 
 
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if text.startswith(type(error).__name__) else f"{type(error).__name__}: {text}"
+
+
 def read_idx(path: str | Path) -> np.ndarray:
     """Read an IDX file (gzip-compressed or not): magic 0x0000TTNN, NN big-endian uint32 dims, data."""
     path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as handle:
-        raw = handle.read()
+    compressed = path.suffix == ".gz"
+    opener = gzip.open if compressed else open
+    try:
+        handle = opener(path, "rb")
+    except OSError as error:
+        raise DataError(f"{path}: cannot open the file ({_one_line(error)})") from None
+    try:
+        with handle:
+            raw = handle.read()
+    except (EOFError, OSError, zlib.error) as error:  # gzip.BadGzipFile is an OSError
+        what = "damaged or truncated gzip file" if compressed else "cannot read the file"
+        raise DataError(f"{path}: {what} ({_one_line(error)}); delete it and fetch it again (data.download = true)") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise DataError(f"{path} is not an IDX file (bad magic number)")
     dtype, ndim = np.dtype(_IDX_DTYPES[raw[2]]), raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise DataError(f"{path}: the IDX header declares {ndim} dims but the file ends after {len(raw)} bytes")
     dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     expected = int(np.prod(dims)) * dtype.itemsize
     body = raw[4 + 4 * ndim :]
@@ -107,7 +124,7 @@ def _idx_data_set(kind: str, description: str):
     """Register a loader for an IDX data set laid out like MNIST."""
 
     def load(
-        dir: str = f"~/.cache/pyrovae/{kind}",
+        dir: Path = f"~/.cache/pyrovae/{kind}",
         binarize: str = "dynamic",
         validation: int | float = 10000,
         download: bool = False,

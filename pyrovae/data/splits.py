@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
 from pyrovae.errors import DataError
 from pyrovae.pair import DataSpec
+from pyrovae.traces import preserved_rng
 
 BINARIZATIONS = ("none", "dynamic", "static")
+SPLITS = ("train", "valid", "test")
 
 Batch = dict[str, torch.Tensor]
 
@@ -68,6 +70,26 @@ class DataSplits:
             yield batch
 
 
+def _offender(bad: torch.Tensor, x: torch.Tensor) -> str:
+    """``batch['x'] row r, feature f holds v`` for the first True of ``bad`` (rows on dim 0)."""
+    index = tuple(int(i) for i in bad.nonzero()[0].tolist())
+    value = x[index].item()
+    shown = f"{value:g}" if isinstance(value, float) else str(value)
+    row, rest = index[0], index[1:]
+    where = f"row {row}" if not rest else f"row {row}, feature {rest[0] if len(rest) == 1 else rest}"
+    return f"batch['x'] {where} holds {shown}"
+
+
+def _grey_level_problem(x: torch.Tensor) -> str | None:
+    """What keeps ``x`` from being binarized (grey levels: finite floats in [0, 1]), or None."""
+    if not torch.is_tensor(x) or not x.dtype.is_floating_point:
+        return f"batch['x'] has dtype {getattr(x, 'dtype', type(x).__name__)}; grey levels must be a float tensor"
+    bad = ~((x >= 0) & (x <= 1))  # NaN compares False, so it is bad too
+    if bad.any():
+        return _offender(bad, x)
+    return None
+
+
 def _binarize_once(x: torch.Tensor, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.bernoulli(x, generator=generator)
@@ -96,13 +118,86 @@ def make_splits(
     valid = {key: value[valid_index] for key, value in train.items()}
     train = {key: value[train_index] for key, value in train.items()}
     if binarize != "none":
-        for tensors in (train, valid, test):
-            x = tensors["x"]
-            if x.min() < 0 or x.max() > 1:
-                raise DataError(f"binarization needs grey levels in [0, 1]; {spec.name} has [{float(x.min())}, {float(x.max())}]")
+        for name, tensors in zip(SPLITS, (train, valid, test)):
+            problem = _grey_level_problem(tensors["x"])
+            if problem:
+                raise DataError(f"binarization needs finite grey levels in [0, 1]; {spec.name} {name} split: {problem}")
         valid["x"] = _binarize_once(valid["x"], seed + 1)
         test["x"] = _binarize_once(test["x"], seed + 2)
         if binarize == "static":
             train["x"] = _binarize_once(train["x"], seed + 3)
         spec = replace(spec, support="binary")
     return DataSplits(spec=spec, train=train, valid=valid, test=test, binarize=binarize)
+
+
+def check_splits(data: DataSplits, check_batch: Callable[[Batch], None]) -> None:
+    """Check every split in full before training: ``check_batch`` (the model's own check,
+    ``Model.check_batch``) runs on each whole split as one batch, so the rows it names are rows of
+    that split; its :class:`DataError` is raised again with the split named in front. With
+    ``binarize = "dynamic"`` the raw training grey levels must be finite and in [0, 1], and the check
+    runs on one Bernoulli draw of the whole training split, drawn without moving the global RNG."""
+    for name in SPLITS:
+        tensors = data.split(name)
+        x = tensors.get("x") if isinstance(tensors, dict) else None
+        if torch.is_tensor(x) and (x.dim() == 0 or x.shape[0] == 0):
+            raise DataError(f"{name} split is empty: batch['x'] has shape {tuple(x.shape)}; every split needs examples")
+        if name == "train" and data.binarize == "dynamic" and torch.is_tensor(x):
+            problem = _grey_level_problem(x)
+            if problem:
+                raise DataError(
+                    f"train split: {problem}, but binarize = 'dynamic' draws each training batch from "
+                    "grey levels, which must be finite and lie in [0, 1]"
+                )
+            with preserved_rng():
+                tensors = dict(tensors, x=torch.bernoulli(x))
+        try:
+            check_batch(tensors)
+        except DataError as error:
+            message = " ".join(str(error).split("\n"))
+            raise DataError(f"{name} split: {message}") from None
+
+
+def check_loader_result(result: object, loader: str) -> DataSplits:
+    """Refuse, in one line naming ``loader``, what a data loader returned that breaks the loader
+    contract (see :mod:`pyrovae.data`); return ``result`` unchanged when it keeps it."""
+    about = f"data loader {loader!r}"
+    if not isinstance(result, DataSplits):
+        raise DataError(
+            f"{about} returned {type(result).__module__}.{type(result).__qualname__}; it must return "
+            "pyrovae.data.DataSplits(spec, train, valid, test) (e.g. from pyrovae.data.make_splits)"
+        )
+    if not isinstance(result.spec, DataSpec):
+        raise DataError(f"{about} returned DataSplits whose spec is {type(result.spec).__name__}; it must be a pyrovae.DataSpec")
+    for name in SPLITS:
+        tensors = result.split(name)
+        if not isinstance(tensors, dict):
+            raise DataError(f"{about}: the {name} split is {type(tensors).__name__}; it must be a dict of tensors (with key 'x')")
+        if "x" not in tensors:
+            raise DataError(f"{about}: the {name} split has no key 'x' (keys: {sorted(map(str, tensors))})")
+        for key, value in tensors.items():
+            if not torch.is_tensor(value):
+                raise DataError(f"{about}: {name}[{key!r}] is {type(value).__name__}; every value of a split must be a tensor")
+        x = tensors["x"]
+        if x.dim() == 0 or x.shape[0] == 0:
+            raise DataError(f"{about}: the {name} split is empty (batch['x'] has shape {tuple(x.shape)}); every split needs examples")
+        rows = int(x.shape[0])
+        for key, value in tensors.items():
+            if value.dim() == 0 or value.shape[0] != rows:
+                count = "no rows (a 0-dim tensor)" if value.dim() == 0 else f"{int(value.shape[0])} rows"
+                raise DataError(
+                    f"{about}: in the {name} split, {name}[{key!r}] has {count} but {name}['x'] has {rows}; "
+                    "every tensor of a split holds the examples on dim 0"
+                )
+    keys = {name: set(result.split(name)) for name in SPLITS}
+    for name in SPLITS[1:]:
+        if keys[name] != keys["train"]:
+            extra, lacking = sorted(map(str, keys[name] - keys["train"])), sorted(map(str, keys["train"] - keys[name]))
+            parts = ([f"{name} lacks {', '.join(map(repr, lacking))}"] if lacking else []) + (
+                [f"only {name} has {', '.join(map(repr, extra))}"] if extra else []
+            )
+            raise DataError(
+                f"{about}: the splits have different keys: {'; '.join(parts)} "
+                f"(train: {sorted(map(str, keys['train']))}, {name}: {sorted(map(str, keys[name]))}); "
+                "one model is called on all three, so they need the same keys"
+            )
+    return result

@@ -1,6 +1,6 @@
 """The fit loop, checkpoints and evaluation on a split."""
 
-from pyrovae.train.checkpoint import BEST, LATEST, load_checkpoint, save_checkpoint
+from pyrovae.train.checkpoint import BEST, LATEST, load_checkpoint, load_checkpoint_or_previous, previous_path, save_checkpoint
 from pyrovae.train.loop import (
     FitResult,
     TrainConfig,
@@ -21,8 +21,10 @@ __all__ = [
     "evaluate_objective",
     "fit",
     "load_checkpoint",
+    "load_checkpoint_or_previous",
     "make_optimizer",
     "parameter_groups",
+    "previous_path",
     "resolve_device",
     "save_checkpoint",
 ]

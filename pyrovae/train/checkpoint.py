@@ -1,20 +1,46 @@
-"""Checkpoints that are never half-written: write a temporary file beside the target,
-fsync it, then ``os.replace`` it over the target (atomic on POSIX), and fsync the folder."""
+"""Checkpoints that are never half-written, never run code when loaded, and survive damage.
+
+Writing: a temporary file beside the target is fsynced, the current target (if any) is renamed to
+its *previous* copy (``latest.prev.pt``), the temporary is renamed over the target (atomic on POSIX),
+and the folder is fsynced. A kill at any instant leaves the target whole, or (between the two
+renames) no target but its previous copy, which :func:`load_checkpoint_or_previous` falls back to.
+
+Loading uses ``torch.load(..., weights_only=True)``: a checkpoint holds tensors and plain Python
+values only, so a crafted file cannot run code while it is unpickled.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
+import zipfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
+
+from pyrovae.errors import CheckpointError, UnsafeCheckpointError
 
 LATEST = "latest.pt"
 BEST = "best.pt"
 
 
-def _replace_atomically(path: Path, write) -> None:
+def previous_path(path: str | Path) -> Path:
+    """Where the copy of ``path`` before its last write is kept: ``latest.pt`` -> ``latest.prev.pt``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def _fsync_directory(directory: Path) -> None:
+    handle = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def _replace_atomically(path: Path, write: Callable, keep_previous: bool = False) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -22,15 +48,13 @@ def _replace_atomically(path: Path, write) -> None:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        if keep_previous and path.exists():
+            os.replace(path, previous_path(path))
         os.replace(temporary, path)
     finally:
         if temporary.exists():
             temporary.unlink()
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    _fsync_directory(path.parent)
 
 
 def remove_stale_temporaries(directory: str | Path) -> list[Path]:
@@ -43,11 +67,49 @@ def remove_stale_temporaries(directory: str | Path) -> list[Path]:
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
-    _replace_atomically(Path(path), lambda handle: torch.save(state, handle))
+    """Write ``state`` (tensors and plain Python values) to ``path``, keeping the file it replaces
+    as ``previous_path(path)``."""
+    _replace_atomically(Path(path), lambda handle: torch.save(state, handle), keep_previous=True)
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict[str, Any]:
-    return torch.load(path, map_location=device, weights_only=False)
+    """Load a checkpoint safely (tensors and plain values only). Raises :class:`CheckpointError`
+    naming the file for a missing, damaged or unsafe one."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint {path}; train first")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as error:
+        # weights_only refuses globals outside torch's allow-list: a file that is not pyrovae's.
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else "unsafe content"
+        raise UnsafeCheckpointError(
+            f"{path} is not a safe pyrovae checkpoint and was not loaded (it asks to run or build objects other "
+            f"than tensors and plain values: {reason})"
+        ) from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{path} is damaged or truncated ({reason})") from None
+
+
+def load_checkpoint_or_previous(path: str | Path, device: torch.device | str = "cpu", warn: Callable[[str], None] = print) -> dict[str, Any]:
+    """Load ``path``; if it is missing or damaged, fall back to its previous copy with a message.
+    With nothing to fall back to, raise :class:`CheckpointError` saying what to do."""
+    path = Path(path)
+    previous = previous_path(path)
+    try:
+        return load_checkpoint(path, device)
+    except UnsafeCheckpointError:
+        raise
+    except CheckpointError as error:
+        if not previous.exists():
+            raise CheckpointError(
+                f"{error}, and there is no previous checkpoint ({previous.name}) to fall back to; "
+                f"start the run again in a new --out folder (or delete {path.parent.parent})"
+            ) from None
+        saved = load_checkpoint(previous, device)
+        warn(f"{error}; using the previous checkpoint {previous} (epoch {saved['state']['epoch']}) instead")
+        return saved
 
 
 def write_jsonl(records: Iterable[dict], path: str | Path) -> None:

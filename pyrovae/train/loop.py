@@ -27,7 +27,7 @@ import torch
 from pyro.infer.util import is_validation_enabled
 from tqdm.auto import tqdm
 
-from pyrovae.data.splits import DataSplits
+from pyrovae.data.splits import DataSplits, check_splits
 from pyrovae.errors import ConfigError, NonFiniteLossError
 from pyrovae.handlers import kl_scale
 from pyrovae.pair import check_pair
@@ -37,7 +37,8 @@ from pyrovae.train.checkpoint import (
     BEST,
     LATEST,
     append_jsonl,
-    load_checkpoint,
+    load_checkpoint_or_previous,
+    previous_path,
     remove_stale_temporaries,
     save_checkpoint,
     write_jsonl,
@@ -81,20 +82,25 @@ class TrainConfig:
     valid_examples: int = 0
 
     def __post_init__(self):
+        # key -> (allowed?, what is allowed)
         checks = {
-            "epochs": self.epochs >= 1,
-            "batch_size": self.batch_size >= 1,
-            "lr": self.lr > 0,
-            "lr_decay": 0 < self.lr_decay <= 1,
-            "optimizer": self.optimizer in OPTIMIZERS,
-            "device": self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
-            "max_nonfinite_retries": self.max_nonfinite_retries >= 0,
-            "log_every": self.log_every >= 1,
+            "epochs": (self.epochs >= 1, ">= 1"),
+            "batch_size": (self.batch_size >= 1, ">= 1"),
+            "lr": (math.isfinite(self.lr) and self.lr > 0, "a finite number > 0"),
+            "lr_decay": (0 < self.lr_decay <= 1, "in (0, 1]"),
+            "guide_lr": (self.guide_lr is None or (math.isfinite(self.guide_lr) and self.guide_lr > 0), "a finite number > 0, or left out"),
+            "optimizer": (self.optimizer in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
+            "weight_decay": (math.isfinite(self.weight_decay) and self.weight_decay >= 0, "a finite number >= 0"),
+            "clip_norm": (self.clip_norm >= 0 and not math.isnan(self.clip_norm), ">= 0 (0 turns clipping off)"),
+            "device": (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "auto, cpu, cuda or cuda:N"),
+            "patience": (self.patience >= 0, ">= 0 (0: no early stopping)"),
+            "max_nonfinite_retries": (self.max_nonfinite_retries >= 0, ">= 0"),
+            "log_every": (self.log_every >= 1, ">= 1"),
+            "valid_examples": (self.valid_examples >= 0, ">= 0 (0: all)"),
         }
-        for key, ok in checks.items():
+        for key, (ok, allowed) in checks.items():
             if not ok:
-                allowed = {"optimizer": f" (one of {', '.join(OPTIMIZERS)})", "device": " (auto, cpu or cuda)"}
-                raise ValueError(f"train.{key} = {getattr(self, key)!r} is not allowed{allowed.get(key, '')}")
+                raise ValueError(f"train.{key} = {getattr(self, key)!r} is not allowed: it must be {allowed}")
 
 
 @dataclass
@@ -107,6 +113,8 @@ class TrainState:
     best_epoch: int = -1
     epochs_without_improvement: int = 0
     nonfinite_retries: int = 0
+    # Early stopping ended the run: a resume trains no further (it is part of the checkpointed state).
+    stopped_early: bool = False
     history: list[dict] = field(default_factory=list)
 
 
@@ -122,8 +130,23 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device = {name!r} but CUDA is not available; use 'auto' or 'cpu'")
+        raise ConfigError(f"train.device = {name!r}, but CUDA is not available on this machine; use 'auto' or 'cpu'")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"train.device = {name!r}, but this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
+
+
+# Divergence without NaN: warn when the validation score falls this far below its first epoch's value
+# (the larger of an absolute and a relative margin, in the score's units, nats for the ELBO).
+DIVERGENCE_NATS, DIVERGENCE_FRACTION = 10.0, 0.5
+
+
+def diverged(history: list[dict], key: str) -> bool:
+    """Whether the latest ``key`` in ``history`` lies far below the first epoch's (see DIVERGENCE_*)."""
+    if len(history) < 2 or key not in history[0] or key not in history[-1]:
+        return False
+    first, last = history[0][key], history[-1][key]
+    return math.isfinite(first) and math.isfinite(last) and last < first - max(DIVERGENCE_NATS, DIVERGENCE_FRACTION * abs(first))
 
 
 def parameter_groups(model, guide) -> dict[str, list[torch.nn.Parameter]]:
@@ -226,11 +249,11 @@ def fit(
     metrics_path = Path(run_dir) / "metrics.jsonl" if run_dir is not None else None
 
     if resume:
-        if checkpoint_dir is None or not (checkpoint_dir / LATEST).exists():
+        if checkpoint_dir is None or not any((checkpoint_dir / name).exists() for name in (LATEST, previous_path(LATEST))):
             raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint_dir / LATEST if checkpoint_dir else '(no run dir)'}")
         remove_stale_temporaries(checkpoint_dir)
         remove_stale_temporaries(metrics_path.parent)
-        saved = load_checkpoint(checkpoint_dir / LATEST, device)
+        saved = load_checkpoint_or_previous(checkpoint_dir / LATEST, device, warn=tqdm.write)
         model.load_state_dict(saved["model"])
         guide.load_state_dict(saved["guide"])
         optimizer.load_state_dict(saved["optimizer"])
@@ -238,18 +261,21 @@ def fit(
         if "best_valid_elbo" in saved_state:  # checkpoints written before selection by the objective's bound
             saved_state["best_valid_score"] = saved_state.pop("best_valid_elbo")
         state = TrainState(**saved_state)
+        # Checkpoints written before the early stop was part of the state.
+        state.stopped_early = state.stopped_early or bool(config.patience and state.epochs_without_improvement >= config.patience)
         _set_rng_state(saved["rng"])
         write_jsonl(state.history, metrics_path)  # drop records written after this checkpoint
     elif metrics_path is not None:
         metrics_path.parent.mkdir(parents=True, exist_ok=True)
         metrics_path.write_text("")
 
+    # Every split in full, before the first step: a bad row anywhere stops the run now, not after it.
+    check_splits(data, model.check_batch)
     with preserved_rng():  # a dynamically binarized batch draws random numbers
         first = next(data.batches("train", min(config.batch_size, 64)))
         clashes = sorted(set(schedules.inputs) & set(first))
         if clashes:
             raise ConfigError(f"scheduled input {clashes[0]!r} has the name of a batch key (the batch has {sorted(first)})")
-        model.check_batch(first)
         check_pair(model, guide, {**first, **schedules.input_values(state.step)})
 
     def checkpoint_state() -> dict:
@@ -271,12 +297,13 @@ def fit(
         unit="step",
         dynamic_ncols=True,
     )
-    stopped_early = False
+    if state.stopped_early:
+        tqdm.write(f"the run stopped early at epoch {state.epoch} (patience {config.patience}); nothing left to train")
     validation_was_on = is_validation_enabled()
     first_step = state.step == 0 and config.validate_first_step
     _set_validation(first_step)
     try:
-        while state.epoch < config.epochs:
+        while state.epoch < config.epochs and not state.stopped_early:
             # The learning rate is a function of the epoch and the recoveries so far, so a resumed
             # run sets the same one.
             for group, base in zip(optimizer.param_groups, base_lrs):
@@ -292,7 +319,9 @@ def fit(
                         f"training stopped: non-finite {', '.join(failure.terms)} at step {failure.step} "
                         f"(epoch {state.epoch + 1}) after {config.max_nonfinite_retries} recoveries, each restoring "
                         f"the epoch-start state and halving the learning rate "
-                        f"(last {optimizer.param_groups[0]['lr']:.3g}); lower train.lr, set train.clip_norm, "
+                        f"(last {optimizer.param_groups[0]['lr']:.3g}); checkpoints/latest.pt holds epoch "
+                        f"{state.epoch}: resume from it with a lower learning rate or clipping, e.g. "
+                        f"--resume --set train.lr={optimizer.param_groups[0]['lr'] / 2:.3g} --set train.clip_norm=10, "
                         f"or check the data and the model's scales"
                     ) from None
                 retries = state.nonfinite_retries
@@ -337,6 +366,13 @@ def fit(
                 state.epochs_without_improvement = 0
             else:
                 state.epochs_without_improvement += 1
+            state.stopped_early = bool(config.patience and state.epochs_without_improvement >= config.patience)
+            if diverged(state.history, f"valid/{selection_metric}") and not diverged(state.history[:-1], f"valid/{selection_metric}"):
+                bar.write(
+                    f"warning: validation {selection_metric} {score:.4g} at epoch {state.epoch} is far below its first "
+                    f"epoch's {state.history[0][f'valid/{selection_metric}']:.4g}: training is diverging without a NaN; "
+                    f"consider a lower train.lr or train.clip_norm"
+                )
             if checkpoint_dir is not None:
                 saved = checkpoint_state()
                 if improved:
@@ -344,14 +380,13 @@ def fit(
                 save_checkpoint(saved, checkpoint_dir / LATEST)
                 append_jsonl(record, metrics_path)
             bar.set_postfix({"epoch": state.epoch, f"valid_{selection_metric}": f"{score:.2f}"})
-            if config.patience and state.epochs_without_improvement >= config.patience:
-                stopped_early = True
+            if state.stopped_early:
                 bar.write(f"early stopping at epoch {state.epoch}: no better validation {selection_metric} for {config.patience} epochs")
                 break
     finally:
         bar.close()
         _set_validation(validation_was_on)
-    return FitResult(state=state, stopped_early=stopped_early, device=device)
+    return FitResult(state=state, stopped_early=state.stopped_early, device=device)
 
 
 def _set_validation(on: bool) -> None:
