@@ -26,7 +26,7 @@ from tests.conftest import tiny_experiment, tiny_pair
         ({"model": {"latnt_dim": 4}}, r"\[model\] unknown key 'latnt_dim' for model 'vae'; expected one of: latent_dim"),
         ({"anneal": {"name": "logistic"}}, r"\[anneal\] missing required key 'midpoint'"),
         ({"train": {"epochs": 2.5}}, r"\[train\] epochs = 2.5: expected an integer"),
-        ({"train": {"optimizer": "adamax2"}}, r"train.optimizer = 'adamax2' is not allowed \(one of adam"),
+        ({"train": {"optimizer": "adamax2"}}, r"train.optimizer = 'adamax2' is not allowed: it must be one of adam"),
         ({"objective": {"name": "iwae", "particles": True}}, r"\[objective\] particles = True: expected an integer"),
         ({"data": {"name": "mymod.nowhere:Loader"}}, r"cannot import module 'mymod.nowhere'"),
         ({"extra": {"a": 1}}, r"unknown top-level key 'extra'"),
