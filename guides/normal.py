@@ -7,7 +7,7 @@ import torch
 from torch.nn import functional as F
 
 from pyrovae.distributions import DiagonalNormal
-from pyrovae.nn import MLP
+from pyrovae.nn import MLP, check_sizes
 from pyrovae.pair import DataSpec, Guide, Model
 from pyrovae.registry import GUIDES
 
@@ -20,6 +20,11 @@ class DiagonalNormalGuideConfig:
     dropout: float = 0.0
     # sigma = softplus(raw) + min_scale keeps q from collapsing to a point and log q finite.
     min_scale: float = 1e-4
+
+    def __post_init__(self):
+        check_sizes(hidden=self.hidden)
+        if not self.min_scale > 0:
+            raise ValueError(f"min_scale = {self.min_scale!r} is not allowed: it must be > 0")
 
 
 @GUIDES.register("diag_normal")

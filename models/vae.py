@@ -7,7 +7,7 @@ import torch
 
 from pyrovae.distributions import StandardNormal
 from pyrovae.likelihoods import build_likelihood
-from pyrovae.nn import MLP
+from pyrovae.nn import MLP, check_sizes
 from pyrovae.pair import DataSpec, LatentSite, Model
 from pyrovae.registry import MODELS
 
@@ -22,6 +22,11 @@ class GaussianVAEConfig:
     observation_scale: float | None = None
     batch_norm: bool = False
     dropout: float = 0.0
+
+    def __post_init__(self):
+        check_sizes(latent_dim=self.latent_dim, hidden=self.hidden)
+        if self.observation_scale is not None and not self.observation_scale > 0:
+            raise ValueError(f"observation_scale = {self.observation_scale!r} is not allowed: it must be > 0 (or left out to learn it)")
 
 
 @MODELS.register("vae")

@@ -22,6 +22,16 @@ def activation_layer(name: str) -> nn.Module:
         raise ValueError(f"unknown activation {name!r}; choose one of {', '.join(sorted(_ACTIVATIONS))}") from None
 
 
+def check_sizes(**sizes: int | Sequence[int]) -> None:
+    """Raise ValueError naming the key unless every size (an integer, or each of a list of them) is >= 1,
+    e.g. ``check_sizes(latent_dim=config.latent_dim, hidden=config.hidden)`` in a config's ``__post_init__``."""
+    for key, value in sizes.items():
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        for item in values:
+            if isinstance(item, bool) or not isinstance(item, int) or item < 1:
+                raise ValueError(f"{key} = {value!r} is not allowed: every size must be an integer >= 1")
+
+
 class MLP(nn.Sequential):
     """in_features -> [Linear -> (BatchNorm) -> activation -> (Dropout)] * len(hidden) -> Linear -> out_features.
 
@@ -37,6 +47,7 @@ class MLP(nn.Sequential):
         batch_norm: bool = False,
         dropout: float = 0.0,
     ):
+        check_sizes(in_features=in_features, hidden=list(hidden), out_features=out_features)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         layers: list[nn.Module] = []

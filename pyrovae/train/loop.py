@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -253,7 +254,7 @@ def fit(
             raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint_dir / LATEST if checkpoint_dir else '(no run dir)'}")
         remove_stale_temporaries(checkpoint_dir)
         remove_stale_temporaries(metrics_path.parent)
-        saved = load_checkpoint_or_previous(checkpoint_dir / LATEST, device, warn=tqdm.write)
+        saved = load_checkpoint_or_previous(checkpoint_dir / LATEST, device, warn=lambda message: tqdm.write(message, file=sys.stderr))
         model.load_state_dict(saved["model"])
         guide.load_state_dict(saved["guide"])
         optimizer.load_state_dict(saved["optimizer"])
@@ -298,7 +299,7 @@ def fit(
         dynamic_ncols=True,
     )
     if state.stopped_early:
-        tqdm.write(f"the run stopped early at epoch {state.epoch} (patience {config.patience}); nothing left to train")
+        tqdm.write(f"the run stopped early at epoch {state.epoch} (patience {config.patience}); nothing left to train", file=sys.stderr)
     validation_was_on = is_validation_enabled()
     first_step = state.step == 0 and config.validate_first_step
     _set_validation(first_step)
