@@ -254,7 +254,7 @@ def fit(
             raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint_dir / LATEST if checkpoint_dir else '(no run dir)'}")
         remove_stale_temporaries(checkpoint_dir)
         remove_stale_temporaries(metrics_path.parent)
-        saved = load_checkpoint_or_previous(checkpoint_dir / LATEST, device, warn=lambda message: tqdm.write(message, file=sys.stderr))
+        saved = load_checkpoint_or_previous(checkpoint_dir / LATEST, device, warn=_say)
         model.load_state_dict(saved["model"])
         guide.load_state_dict(saved["guide"])
         optimizer.load_state_dict(saved["optimizer"])
@@ -299,7 +299,7 @@ def fit(
         dynamic_ncols=True,
     )
     if state.stopped_early:
-        tqdm.write(f"the run stopped early at epoch {state.epoch} (patience {config.patience}); nothing left to train", file=sys.stderr)
+        _say(f"the run stopped early at epoch {state.epoch} (patience {config.patience}); nothing left to train")
     validation_was_on = is_validation_enabled()
     first_step = state.step == 0 and config.validate_first_step
     _set_validation(first_step)
@@ -332,7 +332,7 @@ def fit(
                 state = TrainState(**snapshot["state"])
                 state.nonfinite_retries = retries
                 bar.n = steps_per_epoch * state.epoch
-                bar.write(
+                _say(
                     f"non-finite {', '.join(failure.terms)} at step {failure.step}: restored epoch {state.epoch + 1} "
                     f"start, learning rate halved to {optimizer.param_groups[0]['lr'] / 2:.3g} "
                     f"(recovery {retries}/{config.max_nonfinite_retries})"
@@ -369,7 +369,7 @@ def fit(
                 state.epochs_without_improvement += 1
             state.stopped_early = bool(config.patience and state.epochs_without_improvement >= config.patience)
             if diverged(state.history, f"valid/{selection_metric}") and not diverged(state.history[:-1], f"valid/{selection_metric}"):
-                bar.write(
+                _say(
                     f"warning: validation {selection_metric} {score:.4g} at epoch {state.epoch} is far below its first "
                     f"epoch's {state.history[0][f'valid/{selection_metric}']:.4g}: training is diverging without a NaN; "
                     f"consider a lower train.lr or train.clip_norm"
@@ -382,12 +382,17 @@ def fit(
                 append_jsonl(record, metrics_path)
             bar.set_postfix({"epoch": state.epoch, f"valid_{selection_metric}": f"{score:.2f}"})
             if state.stopped_early:
-                bar.write(f"early stopping at epoch {state.epoch}: no better validation {selection_metric} for {config.patience} epochs")
+                _say(f"early stopping at epoch {state.epoch}: no better validation {selection_metric} for {config.patience} epochs")
                 break
     finally:
         bar.close()
         _set_validation(validation_was_on)
     return FitResult(state=state, stopped_early=state.stopped_early, device=device)
+
+
+def _say(message: str) -> None:
+    """A message from the loop: on stderr (stdout carries results), without breaking the progress bar."""
+    tqdm.write(message, file=sys.stderr)
 
 
 def _set_validation(on: bool) -> None:
