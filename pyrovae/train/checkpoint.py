@@ -1,9 +1,10 @@
 """Checkpoints that are never half-written, never run code when loaded, and survive damage.
 
-Writing: a temporary file beside the target is fsynced, the current target (if any) is renamed to
-its *previous* copy (``latest.prev.pt``), the temporary is renamed over the target (atomic on POSIX),
-and the folder is fsynced. A kill at any instant leaves the target whole, or (between the two
-renames) no target but its previous copy, which :func:`load_checkpoint_or_previous` falls back to.
+Writing: a temporary file beside the target is fsynced, the current target (if any) becomes the
+*previous* copy (``latest.prev.pt``, a hard link swapped in atomically), the temporary is renamed
+over the target (atomic on POSIX), and the folder is fsynced. A kill at any instant leaves the
+target whole. If the target is damaged anyway (a full disk, a file truncated by hand),
+:func:`load_checkpoint_or_previous` falls back to the previous copy.
 
 Loading uses ``torch.load(..., weights_only=True)``: a checkpoint holds tensors and plain Python
 values only, so a crafted file cannot run code while it is unpickled.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -49,12 +51,24 @@ def _replace_atomically(path: Path, write: Callable, keep_previous: bool = False
             handle.flush()
             os.fsync(handle.fileno())
         if keep_previous and path.exists():
-            os.replace(path, previous_path(path))
+            _keep_copy(path, previous_path(path))
         os.replace(temporary, path)
     finally:
         if temporary.exists():
             temporary.unlink()
     _fsync_directory(path.parent)
+
+
+def _keep_copy(path: Path, copy: Path) -> None:
+    """Make ``copy`` hold what ``path`` holds now, atomically, leaving ``path`` in place: a hard
+    link (no bytes copied), or a real copy where the file system has no hard links."""
+    staged = copy.with_name(f".{copy.name}.{os.getpid()}.tmp")
+    staged.unlink(missing_ok=True)
+    try:
+        os.link(path, staged)
+    except OSError:
+        shutil.copyfile(path, staged)
+    os.replace(staged, copy)
 
 
 def remove_stale_temporaries(directory: str | Path) -> list[Path]:
