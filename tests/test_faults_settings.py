@@ -127,3 +127,20 @@ def test_a_healthy_run_gets_no_divergence_warning(capsys):
     experiment = Experiment.from_config(tiny_experiment(train={"epochs": 3}))
     fit(experiment.model, experiment.guide, experiment.objective, experiment.data, experiment.train_config, progress=False)
     assert "diverging" not in capsys.readouterr().err
+
+
+class NaNValidationELBO(ELBO):
+    """Finite in training, NaN in every validation pass."""
+
+    def __call__(self, model, guide, batch):
+        loss, metrics = super().__call__(model, guide, batch)
+        if not torch.is_grad_enabled():
+            metrics = dict(metrics, elbo=metrics["elbo"] * float("nan"))
+        return loss, metrics
+
+
+def test_a_nan_validation_bound_still_leaves_a_best_checkpoint_and_a_warning(tmp_path, capsys):
+    experiment = Experiment.from_config(tiny_experiment(train={"epochs": 2}))
+    fit(experiment.model, experiment.guide, NaNValidationELBO(), experiment.data, experiment.train_config, run_dir=tmp_path, progress=False)
+    assert (tmp_path / "checkpoints" / "best.pt").exists()
+    assert "validation elbo is nan at epoch 1" in capsys.readouterr().err

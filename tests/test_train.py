@@ -103,6 +103,7 @@ def test_persistent_nonfinite_losses_stop_with_a_clear_message(tmp_path):
     message = str(failure.value)
     assert "reconstruction" in message and "loss" in message
     assert re.search(r"at step \d+ \(epoch 1\) after 2 recoveries", message), message
+    assert "resume from it with a lower learning rate or clipping, e.g. --resume --set train.lr=" in message
 
 
 def test_early_stopping_and_checkpoints(tmp_path):

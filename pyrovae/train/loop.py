@@ -361,7 +361,13 @@ def fit(
             }
             state.history.append(record)
             score = valid_metrics[selection_metric]
-            improved = score > state.best_valid_score
+            # The first epoch always writes best.pt, so evaluation finds one even if validation went non-finite.
+            improved = score > state.best_valid_score or state.best_epoch < 0
+            if not math.isfinite(score):
+                _say(
+                    f"warning: validation {selection_metric} is {score} at epoch {state.epoch} although training stayed "
+                    "finite; check the validation data and the model's scales"
+                )
             if improved:
                 state.best_valid_score, state.best_epoch = score, state.epoch
                 state.epochs_without_improvement = 0
