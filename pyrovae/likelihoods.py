@@ -17,7 +17,7 @@ from torch.nn import functional as F
 
 from pyrovae.distributions import BernoulliLogits, DiagonalNormal
 from pyrovae.errors import DataError
-from pyrovae.pair import DataSpec
+from pyrovae.pair import DataSpec, first_offender
 from pyrovae.registry import LIKELIHOODS
 
 
@@ -42,12 +42,8 @@ class Likelihood(nn.Module):
 
 def _first_offender(bad: torch.Tensor, x: torch.Tensor) -> str:
     """``row r, feature f is v`` for the first True of ``bad`` (x's batch dims on the left)."""
-    index = tuple(int(i) for i in bad.nonzero()[0].tolist())
-    value = x[index].item()
-    shown = f"{value:g}" if isinstance(value, float) else str(value)
-    row, feature = index[0], index[1:]
-    where = f"row {row}" if not feature else f"row {row}, feature {feature[0] if len(feature) == 1 else feature}"
-    return f"{where} is {shown}"
+    where, value = first_offender(bad, x)
+    return f"{where} is {value}"
 
 
 @LIKELIHOODS.register("bernoulli")

@@ -113,6 +113,12 @@ def _head(tensor: torch.Tensor) -> str:
     return _format_value(tensor.reshape(-1)[0]) if tensor.numel() else "nothing"
 
 
+def first_offender(bad: torch.Tensor, values: torch.Tensor, noun: str = "feature") -> tuple[str, str]:
+    """(``"row r, feature f"``, the value there) for the first True of ``bad`` (rows on dim 0), for messages."""
+    index = _first_index(bad)
+    return _where(index, noun), _format_value(values[index])
+
+
 def _where(index: tuple[int, ...], noun: str) -> str:
     row, rest = index[0], index[1:]
     if not rest:

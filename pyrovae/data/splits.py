@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 import torch
 
 from pyrovae.errors import DataError
-from pyrovae.pair import DataSpec
+from pyrovae.pair import DataSpec, first_offender
 from pyrovae.traces import preserved_rng
 
 BINARIZATIONS = ("none", "dynamic", "static")
@@ -72,12 +72,8 @@ class DataSplits:
 
 def _offender(bad: torch.Tensor, x: torch.Tensor) -> str:
     """``batch['x'] row r, feature f holds v`` for the first True of ``bad`` (rows on dim 0)."""
-    index = tuple(int(i) for i in bad.nonzero()[0].tolist())
-    value = x[index].item()
-    shown = f"{value:g}" if isinstance(value, float) else str(value)
-    row, rest = index[0], index[1:]
-    where = f"row {row}" if not rest else f"row {row}, feature {rest[0] if len(rest) == 1 else rest}"
-    return f"batch['x'] {where} holds {shown}"
+    where, value = first_offender(bad, x)
+    return f"batch['x'] {where} holds {value}"
 
 
 def _grey_level_problem(x: torch.Tensor) -> str | None:
