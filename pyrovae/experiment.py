@@ -292,8 +292,14 @@ class Experiment:
             log_likelihood = importance_log_likelihood(
                 self.model, self.guide, test, particles=particles, inputs=inputs, batch_size=evaluate.batch_size, progress=progress
             )
+        from pyrovae.analysis.classification import label_metrics
+
+        # A part with classify(**batch) -> logits or cluster(**batch) -> probabilities: accuracy against
+        # y on every test row (test_accuracy, test_cluster_accuracy).
+        labels = label_metrics(self.model, self.guide, self.data.test, evaluate.batch_size, inputs)
         return {
             **{f"test_{key}": value for key, value in metrics.items()},
+            **{f"test_{key}": value for key, value in labels.items()},
             "test_log_likelihood": float(log_likelihood.mean()),
             "test_nll": -float(log_likelihood.mean()),
             "particles": particles,

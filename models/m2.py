@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pyro
+import pyro.distributions as dist
+import torch
+from torch.nn import functional as F
+
+from pyrovae.distributions import StandardNormal
+from pyrovae.likelihoods import build_likelihood
+from pyrovae.nn import MLP, check_sizes
+from pyrovae.nn.split_input import SplitInputMLP
+from pyrovae.pair import DataSpec, LatentSite, Model
+from pyrovae.registry import MODELS
+
+
+@dataclass
+class M2Config:
+    latent_dim: int = 50
+    # Decoder p(x | y, z): [z, onehot(y)] -> hidden -> x.
+    hidden: list[int] = field(default_factory=lambda: [500])
+    # Classifier q(y | x): x -> classifier_hidden -> C logits. It lives here because the
+    # classification term of the training objective reads it; the guide reuses it.
+    classifier_hidden: list[int] = field(default_factory=lambda: [500])
+    activation: str = "softplus"
+    likelihood: str = "bernoulli"
+    # Weight of alpha * log q(y_n | x_n) per labelled row, relative to that row's bound (Pyro's
+    # ss_vae "aux_loss_multiplier"; Kingma et al. write it as alpha = 0.1 N for the mean over
+    # labelled rows). 0 turns the term off.
+    alpha: float = 50.0
+
+    def __post_init__(self):
+        check_sizes(latent_dim=self.latent_dim, hidden=self.hidden, classifier_hidden=self.classifier_hidden)
+        if not len(self.hidden) >= 1:
+            raise ValueError("hidden = [] is not allowed: the decoder needs at least one hidden layer")
+        if not (self.alpha >= 0 and self.alpha < float("inf")):
+            raise ValueError(f"alpha = {self.alpha!r} is not allowed: it must be a finite number >= 0")
+
+
+@MODELS.register("m2")
+class M2(Model):
+    """Semi-supervised M2 (Kingma et al. 2014), generative half, with C classes:
+
+        y_n ~ Categorical(1/C)                    observed where y_mask_n, else latent (site y_unobserved)
+        z_n ~ Normal(0, I_D)
+        x_n ~ likelihood(decoder([z_n, onehot(y_n)]))
+
+    Where y_n is latent the guide enumerates it (objective ``enum_elbo``), so the bound of an
+    unlabelled row is sum_y q(y | x) [L(x, y) - log q(y | x)], and of a labelled row
+    L(x, y) = E_q(z|x,y)[log p(x | y, z) + log p(y) + log p(z) - log q(z | x, y)].
+
+    Training adds Kingma et al.'s classification term (their J^alpha) on labelled rows,
+
+        + alpha * log q(y_n | x_n)                (a ``pyro.factor`` named y_aux)
+
+    with q(y | x) = Categorical(softmax(classifier(x_n))). It is a term of the training objective,
+    not of p(x, y, z), so it is added in training mode only: validation and test bounds (and the
+    log-likelihood) are bounds on log p(x) (or log p(x, y)); ``train/elbo`` includes it.
+    """
+
+    Config = M2Config
+
+    def __init__(self, config: M2Config, data: DataSpec):
+        super().__init__(data)
+        if not data.num_classes or data.num_classes < 2 or data.label_format != "integer":
+            raise ValueError(f"M2 needs integer class labels y with num_classes >= 2; data set {data.name!r} has none")
+        self.config = config
+        self.classes = int(data.num_classes)
+        self.likelihood = build_likelihood(config.likelihood, data)
+        self.decoder = SplitInputMLP(
+            (config.latent_dim, self.classes), config.hidden, self.likelihood.out_features, activation=config.activation
+        )
+        self.classifier = MLP(data.x_features, config.classifier_hidden, self.classes, activation=config.activation)
+
+    @property
+    def latent_sites(self):
+        return (
+            LatentSite("y_unobserved", (), discrete=True, enumerated=True),
+            LatentSite("z", (self.config.latent_dim,)),
+        )
+
+    def classifier_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of q(y | x), shape (B, C)."""
+        return self.classifier(x.reshape(x.shape[0], -1))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, y_mask: torch.Tensor | None = None, **batch):
+        if y_mask is None:
+            raise ValueError("M2 needs y_mask in the batch (which labels are observed): set data.labels_per_class > 0")
+        rows, classes = x.shape[0], self.classes
+        with pyro.plate("data", rows, device=x.device):
+            uniform = x.new_zeros((rows, classes))
+            label = pyro.sample("y", dist.Categorical(logits=uniform), obs=y, obs_mask=y_mask)
+            z = pyro.sample("z", StandardNormal((rows,), (self.config.latent_dim,), dtype=x.dtype, device=x.device))
+            # label: (B,), or (C, 1.., B) when enumerated; the decoder broadcasts it against z's dims.
+            pyro.sample("x", self.likelihood(self.decoder(z, F.one_hot(label, classes).to(x.dtype))), obs=x)
+            if self.training and self.config.alpha > 0:
+                log_q = self.classifier_logits(x).log_softmax(-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+                pyro.factor("y_aux", self.config.alpha * torch.where(y_mask, log_q, torch.zeros_like(log_q)))
