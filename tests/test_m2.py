@@ -1,0 +1,301 @@
+"""Semi-supervised M2 (models/m2.py, guides/m2.py), its batching (pyrovae.data.semisupervised), the
+split-input MLP, and the classification-accuracy hook of the test metrics."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from pyrovae.cli import main
+from pyrovae.config import dump_toml, load_experiment, resolve_config
+from pyrovae.data.semisupervised import LabelledEveryBatch, digits as semisupervised_digits
+from pyrovae.errors import DataError
+from pyrovae.guides import M2Guide, M2GuideConfig
+from pyrovae.models import M2, M2Config
+from pyrovae.nn import MLP
+from pyrovae.nn.split_input import SplitInputMLP
+from pyrovae.objectives import ELBO, EnumELBO
+from pyrovae.pair import DataSpec, check_pair
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+CLASSES, FEATURES = 3, 6
+
+
+def tiny_m2(alpha=0.0, enumerate=True, latent_dim=2, hidden=(8,)):
+    spec = DataSpec("tiny", (FEATURES,), "binary", num_classes=CLASSES)
+    torch.manual_seed(0)
+    model = M2(M2Config(latent_dim=latent_dim, hidden=list(hidden), classifier_hidden=list(hidden), alpha=alpha), spec)
+    guide = M2Guide(M2GuideConfig(hidden=list(hidden), enumerate=enumerate), spec, model)
+    return model, guide
+
+
+def mixed_batch(rows=6, labelled=(1, 4)):
+    generator = torch.Generator().manual_seed(1)
+    x = torch.bernoulli(torch.full((rows, FEATURES), 0.4), generator=generator)
+    y_true = torch.randint(0, CLASSES, (rows,), generator=generator)
+    y_mask = torch.zeros(rows, dtype=torch.bool)
+    y_mask[list(labelled)] = True
+    return {"x": x, "y": torch.where(y_mask, y_true, torch.zeros_like(y_true)), "y_mask": y_mask}
+
+
+def classifier_grad(model, guide, objective, batch):
+    """-d loss / d (classifier's last bias): the gradient the objective gives q(y | x)."""
+    model.zero_grad(set_to_none=True)
+    guide.zero_grad(set_to_none=True)
+    loss, metrics = objective(model, guide, batch)
+    loss.backward()
+    return -model.classifier[-1].bias.grad.clone(), float(metrics["elbo"])
+
+
+# --- the pair --------------------------------------------------------------------------------
+
+
+def test_site_consistency_and_sampling_shapes():
+    model, guide = tiny_m2()
+    batch = mixed_batch()
+    check_pair(model, guide, batch)  # raises on a mismatch
+    import pyro.poutine as poutine
+
+    prior = poutine.trace(model).get_trace(**batch)
+    assert prior.nodes["x"]["fn"].mean.shape == (6, FEATURES)
+    assert prior.nodes["z"]["value"].shape == (6, 2)
+    labels = prior.nodes["y"]["value"]
+    assert labels.shape == (6,) and torch.equal(labels[batch["y_mask"]], batch["y"][batch["y_mask"]])
+    posterior = poutine.trace(guide).get_trace(**batch)
+    assert posterior.nodes["z"]["value"].shape == (6, 2)
+    assert posterior.nodes["y_unobserved"]["infer"] == {"enumerate": "parallel"}
+    # Under enumeration (and particles) the label takes every class on a dim left of the plates.
+    objective = EnumELBO(particles=3)
+    loss, metrics = objective(model, guide, batch)
+    assert loss.shape == () and math.isfinite(float(loss))
+    assert {"elbo", "reconstruction", "kl/y_unobserved", "kl/z"} <= set(metrics)
+    assert 0.0 <= float(metrics["kl/y_unobserved"]) <= math.log(CLASSES) + 1e-5
+
+
+def test_one_step_lowers_the_loss_on_a_fixed_batch():
+    model, guide = tiny_m2(alpha=1.0)
+    batch = mixed_batch()
+    objective = EnumELBO()
+    optimizer = torch.optim.Adam([*model.parameters(), *guide.parameters()], lr=1e-2)
+
+    def loss():
+        torch.manual_seed(3)  # the same noise before and after the step
+        return objective(model, guide, batch)[0]
+
+    before = loss()
+    optimizer.zero_grad()
+    before.backward()
+    optimizer.step()
+    assert float(loss()) < float(before) - 1e-3
+
+
+def test_config_bounds():
+    with pytest.raises(ValueError, match="alpha"):
+        M2Config(alpha=-1.0)
+    with pytest.raises(ValueError, match="latent_dim"):
+        M2Config(latent_dim=0)
+    with pytest.raises(ValueError, match="min_scale"):
+        M2GuideConfig(min_scale=0.0)
+    with pytest.raises(ValueError, match="class labels"):
+        M2(M2Config(), DataSpec("unlabelled", (FEATURES,), "binary"))
+
+
+# --- the objective -----------------------------------------------------------------------------
+
+
+def test_enumerated_objective_equals_sampled_labels_in_expectation():
+    """enum_elbo sums y out exactly; elbo on a guide that samples y (score-function gradients)
+    has the same expectation, for the bound and for the classifier's gradient."""
+    model, enumerating = tiny_m2()
+    with torch.no_grad():  # labels that matter to the decoder give the classifier's gradient some size
+        model.decoder.first[1].weight.mul_(4.0)
+    sampling = M2Guide(M2GuideConfig(hidden=[8], enumerate=False), model.data, model)
+    sampling.load_state_dict(enumerating.state_dict())
+    batch = mixed_batch()
+    torch.manual_seed(0)
+
+    def draws(guide, objective, calls):
+        results = [classifier_grad(model, guide, objective, batch) for _ in range(calls)]
+        grads = torch.stack([g for g, _ in results])
+        bounds = torch.tensor([b for _, b in results], dtype=torch.float64)
+        return grads.mean(0), grads.std(0) / math.sqrt(calls), bounds.mean(), bounds.std() / math.sqrt(calls)
+
+    e_grad, e_se, e_bound, e_bound_se = draws(enumerating, EnumELBO(particles=200), 10)
+    s_grad, s_se, s_bound, s_bound_se = draws(sampling, ELBO(particles=1000), 30)
+    bound_tolerance = 4 * math.hypot(float(e_bound_se), float(s_bound_se))
+    assert abs(float(e_bound - s_bound)) < bound_tolerance, (float(e_bound), float(s_bound), bound_tolerance)
+    tolerance = 4 * torch.sqrt(e_se**2 + s_se**2)
+    assert torch.all((e_grad - s_grad).abs() < tolerance), (e_grad, s_grad, tolerance)
+    # The gradients are not trivially small: the comparison has power.
+    assert float(e_grad.abs().max()) > 3 * float(tolerance.max())
+    # Exact enumeration has far less noise than the score-function estimate.
+    assert float(e_se.max()) < float(s_se.max())
+
+
+def hand_labelled_bound(model, guide, batch, draws=20000):
+    """E_q(z|x,y)[log p(x | y, z) + log p(y) + log p(z) - log q(z | x, y)] per labelled row, by Monte
+    Carlo from the networks themselves, with its standard error."""
+    x, y = batch["x"], batch["y"]
+    onehot = F.one_hot(y, CLASSES).float()
+    with torch.no_grad():
+        loc, raw = guide.encoder(x, onehot).chunk(2, -1)
+        scale = F.softplus(raw) + guide.config.min_scale
+        q = torch.distributions.Normal(loc, scale)
+        z = q.sample((draws,))
+        logits = model.decoder(z, onehot)
+        log_px = -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").sum(-1)
+        log_pz = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(-1)
+        terms = log_px + log_pz - q.log_prob(z).sum(-1) - math.log(CLASSES)
+    return terms.mean(0), terms.std(0) / math.sqrt(draws)
+
+
+def test_labelled_rows_contribute_log_p_x_y_and_the_classification_term():
+    alpha = 2.0
+    model, guide = tiny_m2(alpha=alpha)
+    batch = mixed_batch(rows=4, labelled=(0, 1, 2, 3))
+    log_q = model.classifier_logits(batch["x"]).log_softmax(-1).gather(-1, batch["y"][:, None]).squeeze(-1).detach()
+    # The bound of labelled rows is log p(x, y), averaged over many z draws (the enumerated copies
+    # of a labelled row are averaged, not summed).
+    model.eval()  # no classification term
+    torch.manual_seed(0)
+    loss, metrics = EnumELBO(particles=4000)(model, guide, batch)
+    expected, se = hand_labelled_bound(model, guide, batch)
+    assert float(metrics["elbo"]) == pytest.approx(-float(loss), abs=1e-4)
+    assert abs(-float(loss) - float(expected.mean())) < 4 * (float(se.pow(2).sum().sqrt()) / 4 + 2e-3)
+    # Training mode adds alpha * log q(y | x) on labelled rows, exactly (same draws).
+    model.train()
+    torch.manual_seed(5)
+    trained = EnumELBO()(model, guide, batch)[0]
+    model.eval()
+    torch.manual_seed(5)
+    evaluated = EnumELBO()(model, guide, batch)[0]
+    assert float(trained - evaluated) == pytest.approx(-alpha * float(log_q.mean()), rel=1e-5)
+
+
+def test_the_classification_term_skips_unlabelled_rows():
+    alpha = 3.0
+    model, guide = tiny_m2(alpha=alpha)
+    batch = mixed_batch(rows=6, labelled=(1, 4))
+    log_q = model.classifier_logits(batch["x"]).log_softmax(-1).gather(-1, batch["y"][:, None]).squeeze(-1).detach()
+    losses = {}
+    for mode in (True, False):
+        model.train(mode)
+        torch.manual_seed(7)
+        losses[mode] = float(EnumELBO()(model, guide, batch)[0])
+    labelled = log_q[batch["y_mask"]].sum()
+    assert losses[True] - losses[False] == pytest.approx(-alpha * float(labelled) / 6, rel=1e-5)
+
+
+def test_split_input_mlp_equals_an_mlp_on_the_concatenation():
+    torch.manual_seed(0)
+    split = SplitInputMLP((5, 3), [7, 4], 2, activation="softplus")
+    dense = MLP(8, [7, 4], 2, activation="softplus")
+    with torch.no_grad():
+        dense[0].weight.copy_(torch.cat([split.first[0].weight, split.first[1].weight], 1))
+        dense[0].bias.copy_(split.first[0].bias)
+        for ours, theirs in zip(split.rest.parameters(), [p for i, layer in enumerate(dense) if i > 0 for p in layer.parameters()]):
+            theirs.copy_(ours)
+    a, b = torch.randn(6, 5), torch.randn(4, 1, 6, 3)  # b carries an enumeration dim
+    expected = dense(torch.cat([a.expand(4, 1, 6, 5), b], -1))
+    assert torch.allclose(split(a, b), expected, atol=1e-6)
+
+
+# --- data: labelled rows in every batch ------------------------------------------------------
+
+
+def synthetic_splits(rows=50, labelled=(3, 8, 20, 41), labelled_per_batch=6):
+    from pyrovae.data.splits import DataSplits
+
+    y_mask = torch.zeros(rows, dtype=torch.bool)
+    y_mask[list(labelled)] = True
+    train = {"x": torch.rand(rows, 4), "y": torch.zeros(rows, dtype=torch.long), "y_mask": y_mask, "row": torch.arange(rows)}
+    other = {key: value[:10] for key, value in train.items()}
+    spec = DataSpec("synthetic", (4,), "unit_interval", num_classes=2)
+    plain = DataSplits(spec=spec, train=train, valid=other, test=other, binarize="dynamic")
+    from pyrovae.data.semisupervised import with_labelled_rows
+
+    return with_labelled_rows(plain, labelled_per_batch)
+
+
+def test_every_training_batch_ends_with_labelled_rows_cycling_through_them():
+    data = synthetic_splits()
+    torch.manual_seed(0)
+    batches = list(data.batches("train", 16, shuffle=True))
+    assert len(batches) == data.num_batches("train", 16) == 4
+    base = torch.cat([batch["row"][:-6] for batch in batches])
+    added = torch.cat([batch["row"][-6:] for batch in batches])
+    # The epoch still passes over every row once; each batch ends with 6 labelled rows.
+    assert sorted(base.tolist()) == list(range(50))
+    assert all(bool(batch["y_mask"][-6:].all()) for batch in batches)
+    # The 24 added rows cycle through the 4 labelled ones: each exactly 6 times.
+    assert torch.bincount(added, minlength=50)[[3, 8, 20, 41]].tolist() == [6, 6, 6, 6]
+    assert set(added.tolist()) == {3, 8, 20, 41}
+    # Dynamic binarization draws the added rows too.
+    assert all(set(batch["x"].unique().tolist()) <= {0.0, 1.0} for batch in batches)
+    # Validation, test and unshuffled batches are the plain ones.
+    assert torch.equal(next(data.batches("valid", 100))["row"], torch.arange(10))
+    assert torch.equal(next(data.batches("train", 100))["row"], torch.arange(50))
+
+
+def test_semisupervised_loaders_take_labelled_per_batch():
+    data = semisupervised_digits(labels_per_class=2, labelled_per_batch=8, seed=0)
+    assert isinstance(data, LabelledEveryBatch) and data.labelled_per_batch == 8
+    assert int(data.train["y_mask"].sum()) == 20
+    torch.manual_seed(0)
+    batch = next(data.batches("train", 64, shuffle=True))
+    assert batch["x"].shape[0] == 72 and int(batch["y_mask"][-8:].sum()) == 8
+    with pytest.raises(DataError, match="labels_per_class"):
+        semisupervised_digits(labels_per_class=0, labelled_per_batch=8)
+    with pytest.raises(DataError, match="labelled_per_batch"):
+        synthetic_splits(labelled_per_batch=-1)
+    # The TOML loader's options are the image loader's, plus labelled_per_batch.
+    config = resolve_config(load_experiment(EXPERIMENTS / "m2_mnist.toml"))
+    assert config["data"]["labelled_per_batch"] == 10 and config["data"]["labels_per_class"] == 10
+    assert Path(config["data"]["dir"]).is_absolute()
+
+
+# --- end to end: train, evaluate, sample, test accuracy ----------------------------------------
+
+
+def test_m2_trains_from_toml_and_reports_test_accuracy(tmp_path, capsys):
+    experiment = {
+        "seed": 0,
+        "data": {"name": "pyrovae.data.semisupervised:digits", "labels_per_class": 10, "labelled_per_batch": 16},
+        "model": {"name": "m2", "latent_dim": 8, "hidden": [64], "classifier_hidden": [64], "alpha": 20.0},
+        "guide": {"name": "m2", "hidden": [64]},
+        "objective": {"name": "enum_elbo"},
+        "train": {"epochs": 6, "batch_size": 64, "lr": 3e-3},
+        "evaluate": {"particles": 10, "test_examples": 100},
+    }
+    path = tmp_path / "m2.toml"
+    path.write_text(dump_toml(experiment))
+    run = tmp_path / "run"
+    assert main(["train", str(path), "--out", str(run), "--no-progress"]) == 0, capsys.readouterr().err
+    final = json.loads(capsys.readouterr().out)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["valid/elbo"] > records[0]["valid/elbo"]
+    # 100 labels of 8x8 digits: a classifier trained on them alone reaches about 0.85; chance is 0.1.
+    assert final["test_accuracy"] > 0.7
+    assert final["test_log_likelihood"] > final["test_elbo"] - 0.5
+    assert main(["evaluate", str(run), "--particles", "5", "--no-progress"]) == 0, capsys.readouterr().err
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["test_accuracy"] == pytest.approx(final["test_accuracy"])
+    out = tmp_path / "samples.png"
+    assert main(["sample", str(run), "--out", str(out)]) == 0, capsys.readouterr().err
+    assert out.stat().st_size > 100
+
+
+def test_accuracy_hook_counts_argmax_matches():
+    from pyrovae.analysis.classification import label_metrics
+
+    class Classifier(torch.nn.Module):
+        def classify(self, x, **batch):
+            return x  # the logits are the data: row n predicts argmax x_n
+
+    x = torch.eye(4)[[0, 1, 2, 3, 0]]
+    y = torch.tensor([0, 1, 2, 0, 1])
+    assert label_metrics(torch.nn.Module(), Classifier(), {"x": x, "y": y}, batch_size=2) == {"accuracy": 0.6}
+    assert label_metrics(torch.nn.Module(), torch.nn.Module(), {"x": x, "y": y}) == {}
