@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from pyrovae.analysis import completion_grid, importance_log_likelihood, observation_means
+from pyrovae.analysis import importance_log_likelihood, observation_means
 from pyrovae.cli import main
 from pyrovae.config import dump_toml, load_experiment, resolve_config
 from pyrovae import DataSpec
 from pyrovae.data import make_splits
 from pyrovae.data.quadrants import quadrant_target, quadrants, split_quadrants
-from pyrovae.errors import ConfigError, DataError
+from pyrovae.errors import DataError
 from pyrovae.experiment import Experiment
 from pyrovae.guides.cvae import ConditionalEncoderConfig, NoLatentsConfig, NoLatentsGuide, RecognitionGuide
 from pyrovae.models.cvae import (
