@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,9 +14,11 @@ import pyrovae
 from pyrovae.config import load_experiment
 from pyrovae.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, PairMismatchError
 from pyrovae.experiment import Experiment
+from pyrovae.train import distributed
+from pyrovae.train.distributed import DistributedJobError
 
 # Failures that are the user's to fix: one line on stderr, exit 2, no traceback.
-USER_ERRORS = (ConfigError, DataError, PairMismatchError, NonFiniteLossError, CheckpointError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DataError, PairMismatchError, NonFiniteLossError, CheckpointError, FileNotFoundError, DistributedJobError)
 
 
 def _count(low: int, meaning: str = ""):
@@ -57,6 +62,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--device", help=device_help)
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    train.add_argument(
+        "--nproc",
+        type=_count(1),
+        help="train data-parallel in N processes on this machine: starts torchrun --standalone --nproc-per-node N "
+        "-m pyrovae train ... (train.batch_size stays the global batch); for several machines run torchrun yourself",
+    )
 
     evaluate = commands.add_parser(
         "evaluate", help="print a run's test metrics as JSON: the objective's own (test_elbo, test_iwae ...) and log p(x)"
@@ -92,16 +103,26 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
     overrides = list(args.set) + ([f"train.device={args.device}"] if args.device else [])
     run_dir = None
+    # Under torchrun (WORLD_SIZE > 1) rank 0 speaks for the job; the others report only their own failures.
+    rank = int(os.environ.get("RANK", "0")) if distributed.launched_world_size() > 1 else 0
     try:
+        if args.command == "train" and args.nproc and args.nproc > 1:
+            run_dir = Path(args.out or Path("runs") / Path(args.experiment).stem)
+            return _launch_torchrun(args, argv, overrides, run_dir)
         if args.command == "train":
             run_dir = Path(args.out or Path("runs") / Path(args.experiment).stem)
             experiment = Experiment.from_config(load_experiment(args.experiment, overrides))
+            if distributed.launched_world_size() > 1:
+                signal.signal(signal.SIGTERM, _stopped_by_signal)
             final = experiment.train(run_dir, resume=args.resume, progress=not args.no_progress)
-            print(json.dumps(final, indent=2))
-            print(f"run folder: {run_dir}", file=sys.stderr)
+            distributed.finish()
+            if rank == 0:
+                print(json.dumps(final, indent=2))
+                print(f"run folder: {run_dir}", file=sys.stderr)
         elif args.command == "evaluate":
             experiment = Experiment.from_run(args.run_dir, overrides, command="evaluate")
             which = args.checkpoint or experiment.evaluate_config.checkpoint
@@ -118,20 +139,66 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as error:
         # One line: an error raised inside a Pyro trace comes back with the trace's shape table appended.
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"pyrovae {args.command}: error: {message}", file=sys.stderr)
+        if isinstance(error, DistributedJobError):
+            print(f"pyrovae {args.command}: error: {message}{_resume_hint(args, run_dir)}", file=sys.stderr)
+        elif rank == 0:  # every rank meets the same error; rank 0 says it once
+            print(f"pyrovae {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\npyrovae {args.command}: interrupted{_resume_hint(args, run_dir)}", file=sys.stderr)
+        if rank == 0:
+            print(f"\npyrovae {args.command}: interrupted{_resume_hint(args, run_dir)}", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown()
     return 0
+
+
+def _stopped_by_signal(signum, frame):
+    raise DistributedJobError(
+        f"rank {os.environ.get('RANK', '?')} was stopped by signal {signal.Signals(signum).name} "
+        "(torchrun stops every process of a job when one of them fails)"
+    )
+
+
+def _launch_torchrun(args, argv: list[str], overrides: list[str], run_dir: Path) -> int:
+    """``pyrovae train ... --nproc N``: run the same command in N processes under torchrun on this machine."""
+    from pyrovae.config import resolve_config
+
+    if distributed.launched_world_size() > 1:
+        raise ConfigError("--nproc starts torchrun, but this process already runs under torchrun (WORLD_SIZE is set); leave --nproc out")
+    resolve_config(load_experiment(args.experiment, overrides))  # a mistake in the experiment: one line, here
+    forwarded, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--nproc":
+            skip = True
+        elif not item.startswith("--nproc="):
+            forwarded.append(item)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}", "-m", "pyrovae", *forwarded]
+    process = subprocess.Popen(command)
+    try:
+        code = process.wait()
+    except KeyboardInterrupt:  # the processes got the same Ctrl-C; let torchrun stop them
+        code = process.wait()
+        raise
+    if code != 0:
+        print(
+            f"pyrovae train: error: the {args.nproc}-process job stopped (torchrun exit code {code}; the processes' "
+            f"messages are above){_resume_hint(args, run_dir)}",
+            file=sys.stderr,
+        )
+    return code
 
 
 def _resume_hint(args, run_dir: Path | None) -> str:
     if args.command != "train" or run_dir is None or not (run_dir / "checkpoints").is_dir():
         return ""
+    world = distributed.launched_world_size()
+    nproc = getattr(args, "nproc", None) or (world if world > 1 else None)
     return (
         f"; {run_dir}/checkpoints/latest.pt holds the last finished epoch. Continue with: "
-        f"pyrovae train {args.experiment} --out {run_dir} --resume"
+        f"pyrovae train {args.experiment} --out {run_dir} --resume" + (f" --nproc {nproc} (or the same torchrun command with --resume)" if nproc else "")
     )
 
 

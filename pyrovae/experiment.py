@@ -47,6 +47,7 @@ from pyrovae.errors import ConfigError, RunFolderError
 from pyrovae.traces import preserved_rng
 from pyrovae.registry import SCHEDULES
 from pyrovae.schedules import StepSchedules
+from pyrovae.train import distributed
 from pyrovae.train import (
     BEST,
     LATEST,
@@ -189,8 +190,14 @@ class Experiment:
         """Load the run's ``best`` or ``latest`` parameters (falling back, with a message, to the
         previous copy of a damaged checkpoint)."""
         path = Path(run_dir) / "checkpoints" / (BEST if which == "best" else LATEST)
-        device = resolve_device(self.train_config.device)
-        saved = load_checkpoint_or_previous(path, device, warn=lambda message: print(message, file=sys.stderr))
+        context = distributed.current()
+        device = distributed.training_device(self.train_config.device, context)
+        # Under torchrun, rank 0 reads the file and sends it to the other ranks.
+        saved = distributed.on_main(
+            context,
+            lambda: load_checkpoint_or_previous(path, "cpu" if context.active else device, warn=lambda message: print(message, file=sys.stderr)),
+            "loading parameters",
+        )
         self.model.load_state_dict(saved["model"])
         self.guide.load_state_dict(saved["guide"])
         self.step = int(saved["state"]["step"])
@@ -204,8 +211,10 @@ class Experiment:
         write the test metrics, plots and samples. ``resume`` continues from the latest checkpoint;
         a finished or early-stopped run resumes to the same result without training further."""
         run_dir = Path(run_dir)
-        with locked_run_folder(run_dir):
-            return self._train_locked(run_dir, resume, progress)
+        # Under torchrun every rank joins the job here; only rank 0 takes the folder and writes into it.
+        context = distributed.setup(self.train_config.device)
+        with distributed.main_holds(context, lambda: locked_run_folder(run_dir)):
+            return self._train_locked(run_dir, resume, progress and context.is_main)
 
     def _check_run_folder(self, run_dir: Path, resume: bool) -> None:
         if resume:
@@ -222,9 +231,14 @@ class Experiment:
 
     def _train_locked(self, run_dir: Path, resume: bool, progress: bool) -> dict:
         config_path = run_dir / CONFIG_FILE
-        self._check_run_folder(run_dir, resume)
-        (run_dir / RUN_MARKER).touch()
-        config_path.write_text(dump_toml(self.config))
+        context = distributed.current()
+
+        def prepare() -> None:
+            self._check_run_folder(run_dir, resume)
+            (run_dir / RUN_MARKER).touch()
+            config_path.write_text(dump_toml(self.config))
+
+        distributed.on_main(context, prepare, "checking the run folder")
         started = time.perf_counter()
         result = fit(
             self.model,
@@ -250,8 +264,11 @@ class Experiment:
             train_seconds_this_session=round(train_seconds, 1),
             device=str(result.device),
         )
-        (run_dir / FINAL_FILE).write_text(json.dumps(final, indent=2) + "\n")
-        self.plots(run_dir, result.state.history)
+        if context.active:
+            final.update(world_size=context.world_size)
+        if context.is_main:
+            (run_dir / FINAL_FILE).write_text(json.dumps(final, indent=2) + "\n")
+            self.plots(run_dir, result.state.history)
         return final
 
     def _check_same_experiment(self, config_path: Path) -> None:
@@ -283,15 +300,21 @@ class Experiment:
             raise ConfigError(f"particles = {particles}: importance sampling needs at least 1 particle")
         limit = evaluate.test_examples or None
         inputs = self.inputs()
+        # Under torchrun each rank takes a contiguous share of the test rows (its own seed) and the
+        # numbers are reduced across ranks.
+        context = distributed.current()
         with preserved_rng():
-            torch.manual_seed(self.config["seed"])
+            torch.manual_seed(self.config["seed"] + context.rank)
             metrics = evaluate_objective(
-                self.model, self.guide, self.objective, self.data, "test", evaluate.batch_size, limit=limit, inputs=inputs
+                self.model, self.guide, self.objective, self.data, "test", evaluate.batch_size, limit=limit, inputs=inputs, context=context
             )
-            test = {key: value[:limit] for key, value in self.data.test.items()}
+            rows = self.data.size("test") if limit is None else min(limit, self.data.size("test"))
+            lo, hi = distributed.shard_range(rows, context)
+            test = self.data.rows("test", min(lo, rows - 1), max(hi, min(lo, rows - 1) + 1))
             log_likelihood = importance_log_likelihood(
                 self.model, self.guide, test, particles=particles, inputs=inputs, batch_size=evaluate.batch_size, progress=progress
             )
+        mean_log_likelihood, test_examples = distributed.mean_rows(context, log_likelihood, hi - lo)
         from pyrovae.analysis.classification import label_metrics
 
         # A part with classify(**batch) -> logits or cluster(**batch) -> probabilities: accuracy against
@@ -300,10 +323,10 @@ class Experiment:
         return {
             **{f"test_{key}": value for key, value in metrics.items()},
             **{f"test_{key}": value for key, value in labels.items()},
-            "test_log_likelihood": float(log_likelihood.mean()),
-            "test_nll": -float(log_likelihood.mean()),
+            "test_log_likelihood": mean_log_likelihood,
+            "test_nll": -mean_log_likelihood,
             "particles": particles,
-            "test_examples": int(log_likelihood.shape[0]),
+            "test_examples": test_examples,
             "checkpoint": evaluate.checkpoint,
             "step": self.step,
             **{f"schedule/{name}": value for name, value in inputs.items()},
@@ -316,7 +339,7 @@ class Experiment:
         if path is None:
             path = Path(run_dir or ".") / ("samples.png" if images else "samples.json")
         path = Path(path)
-        test = self.data.test
+        test = self.data.rows("test", 0, min(count, self.data.size("test")))  # on the device, also for data on disk
         if images and path.suffix.lower() != ".json":
             return sample_grid(self.model, self.guide, test, path, self.data.spec.image_shape, count=count, inputs=self.inputs())
         if path.suffix.lower() == ".png":

@@ -69,6 +69,7 @@ Semi-supervised labels: the built-in image loaders take ``labels_per_class`` (se
 
 from pyrovae.data.images import digits, download_idx, fashion_mnist, load_idx_images, mnist, read_idx
 from pyrovae.data.labels import keep_labels_per_class
+from pyrovae.data.memmap import MemmapSplits, open_memmap, write_memmap
 from pyrovae.data.sequences import pad_sequences, sequence_splits
 from pyrovae.data.splits import Batch, DataSplits, check_loader_result, check_splits, make_splits
 
@@ -83,6 +84,9 @@ __all__ = [
     "keep_labels_per_class",
     "load_idx_images",
     "make_splits",
+    "MemmapSplits",
+    "open_memmap",
+    "write_memmap",
     "mnist",
     "pad_sequences",
     "read_idx",

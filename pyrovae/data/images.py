@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from pyrovae.data.labels import keep_labels_per_class
+from pyrovae.data.memmap import cached_memmap
 from pyrovae.data.splits import DataSplits, make_splits
 from pyrovae.errors import DataError
 from pyrovae.pair import DataSpec
@@ -130,13 +131,22 @@ def _idx_data_set(kind: str, description: str):
         download: bool = False,
         seed: int = 0,
         labels_per_class: int = 0,
+        memmap: Path | None = None,
     ) -> DataSplits:
-        return _image_splits(kind, *load_idx_images(dir, kind, download), validation, binarize, seed, labels_per_class)
+        def build() -> DataSplits:
+            return _image_splits(kind, *load_idx_images(dir, kind, download), validation, binarize, seed, labels_per_class)
+
+        if memmap is not None:  # the arrays written once to memory-mapped .npy files, then read from there
+            source = {"loader": kind, "binarize": binarize, "validation": validation, "seed": seed, "labels_per_class": labels_per_class}
+            return cached_memmap(memmap, source, build)
+        return build()
 
     load.__name__ = load.__qualname__ = kind.replace("-", "_")
     load.__doc__ = (
         f"{description} from IDX files in ``dir``: 60,000 train (less ``validation``), 10,000 test, with labels "
-        "``y``. ``labels_per_class > 0`` keeps that many training labels per class (see :mod:`pyrovae.data.labels`)."
+        "``y``. ``labels_per_class > 0`` keeps that many training labels per class (see :mod:`pyrovae.data.labels`). "
+        "``memmap = FOLDER`` writes the splits once to memory-mapped ``.npy`` arrays there and reads batches from "
+        "them (see :mod:`pyrovae.data.memmap`)."
     )
     return DATASETS.register(kind)(load)
 
@@ -147,11 +157,20 @@ fashion_mnist = _idx_data_set("fashion-mnist", "Fashion-MNIST (Xiao et al. 2017)
 
 @DATASETS.register("digits")
 def digits(
-    binarize: str = "dynamic", validation: int | float = 0.1, test: float = 0.2, seed: int = 0, labels_per_class: int = 0
+    binarize: str = "dynamic",
+    validation: int | float = 0.1,
+    test: float = 0.2,
+    seed: int = 0,
+    labels_per_class: int = 0,
+    memmap: Path | None = None,
 ) -> DataSplits:
     """scikit-learn's handwritten digits (1,797 images of 8x8, grey levels 0..16, labels ``y``), shipped
     with scikit-learn, so it works offline. A ``test`` fraction is held out with a fixed seed.
-    ``labels_per_class > 0`` keeps that many training labels per class (see :mod:`pyrovae.data.labels`)."""
+    ``labels_per_class > 0`` keeps that many training labels per class (see :mod:`pyrovae.data.labels`).
+    ``memmap = FOLDER``: as for the MNIST loaders, the splits are written there once and read from disk."""
+    if memmap is not None:
+        source = {"loader": "digits", "binarize": binarize, "validation": validation, "test": test, "seed": seed, "labels_per_class": labels_per_class}
+        return cached_memmap(memmap, source, lambda: digits(binarize, validation, test, seed, labels_per_class))
     from sklearn.datasets import load_digits
 
     bunch = load_digits()

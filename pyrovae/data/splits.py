@@ -53,21 +53,68 @@ class DataSplits:
 
         return replace(self, train=move(self.train), valid=move(self.valid), test=move(self.test))
 
-    def batches(self, name: str, batch_size: int, shuffle: bool = False, limit: int | None = None) -> Iterator[Batch]:
+    @property
+    def device(self) -> torch.device:
+        """Where batches are delivered."""
+        return self.train["x"].device
+
+    def batches(
+        self, name: str, batch_size: int, shuffle: bool = False, limit: int | None = None, *, start: int = 0
+    ) -> Iterator[Batch]:
+        """Batches of ``batch_size`` rows of a split, in order or (``shuffle``) in the order of one
+        ``torch.randperm`` from the global RNG; rows ``[start, limit)`` when given."""
         tensors = self.split(name)
         size = self.size(name) if limit is None else min(limit, self.size(name))
         device = tensors["x"].device
         order = torch.randperm(size, device=device) if shuffle else None
         dynamic = name == "train" and self.binarize == "dynamic"
-        for start in range(0, size, batch_size):
+        for begin in range(start, size, batch_size):
             if order is None:
-                batch = {key: value[start : min(start + batch_size, size)] for key, value in tensors.items()}
+                batch = {key: value[begin : min(begin + batch_size, size)] for key, value in tensors.items()}
             else:
-                index = order[start : start + batch_size]
+                index = order[begin : begin + batch_size]
                 batch = {key: value.index_select(0, index) for key, value in tensors.items()}
             if dynamic:
                 batch["x"] = torch.bernoulli(batch["x"])
             yield batch
+
+    def take(self, name: str, index: torch.Tensor) -> Batch:
+        """The rows ``index`` (a 1-d integer tensor on :attr:`device`) of a split, on the device."""
+        return {key: value.index_select(0, index) for key, value in self.split(name).items()}
+
+    def rows(self, name: str, lo: int, hi: int) -> Batch:
+        """Rows ``[lo, hi)`` of a split, as one batch on the device (no binarization)."""
+        return {key: value[lo:hi] for key, value in self.split(name).items()}
+
+    def shard_batches(
+        self, name: str, batch_size: int, order: torch.Tensor, rank: int, world_size: int
+    ) -> Iterator[tuple[Batch, int, int]]:
+        """This rank's shard of every global batch, for data-parallel training.
+
+        ``order`` is the epoch's permutation of the split's rows, the same on every rank. Global
+        batch ``b`` is ``order[b * batch_size : (b + 1) * batch_size]``, exactly the rows a
+        single process takes at that step; it is cut into ``world_size`` contiguous pieces
+        (sizes differ by at most one row) and rank ``r`` gets piece ``r``. Yields ``(batch,
+        rows, global_rows)``; a rank whose piece is empty (a last batch of fewer rows than
+        ranks) gets one stand-in row with ``rows = 0``, to be weighted by zero."""
+        size = self.size(name)
+        dynamic = name == "train" and self.binarize == "dynamic"
+        for begin in range(0, size, batch_size):
+            index = order[begin : begin + batch_size]
+            total = int(index.shape[0])
+            mine = index.tensor_split(world_size)[rank]
+            rows = int(mine.shape[0])
+            if rows == 0:
+                mine = index[-1:]
+            batch = self.take(name, mine)
+            if dynamic:
+                batch["x"] = torch.bernoulli(batch["x"])
+            yield batch, rows, total
+
+    def check_chunks(self, name: str) -> Iterator[tuple[str | None, Batch]]:
+        """The split as ``(piece, tensors)`` for :func:`check_splits`: in memory, the whole split
+        (``piece`` None); data read from disk come in pieces named like ``"rows 0-65535"``."""
+        yield None, self.split(name)
 
 
 def _offender(bad: torch.Tensor, x: torch.Tensor) -> str:
@@ -133,24 +180,26 @@ def check_splits(data: DataSplits, check_batch: Callable[[Batch], None]) -> None
     ``binarize = "dynamic"`` the raw training grey levels must be finite and in [0, 1], and the check
     runs on one Bernoulli draw of the whole training split, drawn without moving the global RNG."""
     for name in SPLITS:
-        tensors = data.split(name)
-        x = tensors.get("x") if isinstance(tensors, dict) else None
-        if torch.is_tensor(x) and (x.dim() == 0 or x.shape[0] == 0):
-            raise DataError(f"{name} split is empty: batch['x'] has shape {tuple(x.shape)}; every split needs examples")
-        if name == "train" and data.binarize == "dynamic" and torch.is_tensor(x):
-            problem = _grey_level_problem(x)
-            if problem:
-                raise DataError(
-                    f"train split: {problem}, but binarize = 'dynamic' draws each training batch from "
-                    "grey levels, which must be finite and lie in [0, 1]"
-                )
-            with preserved_rng():
-                tensors = dict(tensors, x=torch.bernoulli(x))
-        try:
-            check_batch(tensors)
-        except DataError as error:
-            message = " ".join(str(error).split("\n"))
-            raise DataError(f"{name} split: {message}") from None
+        for piece, tensors in data.check_chunks(name):
+            x = tensors.get("x") if isinstance(tensors, dict) else None
+            # Data read in pieces (memory-mapped) name the piece: row numbers are the piece's own.
+            where = name if piece is None else f"{name} ({piece})"
+            if torch.is_tensor(x) and (x.dim() == 0 or x.shape[0] == 0):
+                raise DataError(f"{name} split is empty: batch['x'] has shape {tuple(x.shape)}; every split needs examples")
+            if name == "train" and data.binarize == "dynamic" and torch.is_tensor(x):
+                problem = _grey_level_problem(x)
+                if problem:
+                    raise DataError(
+                        f"{where.replace('train', 'train split', 1)}: {problem}, but binarize = 'dynamic' draws each "
+                        "training batch from grey levels, which must be finite and lie in [0, 1]"
+                    )
+                with preserved_rng():
+                    tensors = dict(tensors, x=torch.bernoulli(x))
+            try:
+                check_batch(tensors)
+            except DataError as error:
+                message = " ".join(str(error).split("\n"))
+                raise DataError(f"{where.replace(name, name + ' split', 1)}: {message}") from None
 
 
 def check_loader_result(result: object, loader: str) -> DataSplits:

@@ -34,6 +34,7 @@ from pyrovae.handlers import kl_scale
 from pyrovae.pair import check_pair
 from pyrovae.schedules import StepSchedules
 from pyrovae.traces import preserved_rng
+from pyrovae.train import distributed
 from pyrovae.train.checkpoint import (
     BEST,
     LATEST,
@@ -53,6 +54,9 @@ OPTIMIZERS = {
 }
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 10
@@ -67,6 +71,10 @@ class TrainConfig:
     # Clip the global gradient norm (of the per-datapoint loss); 0 turns clipping off.
     clip_norm: float = 100.0
     device: str = "auto"
+    # "fp32", or "bf16": the training step's forward runs under torch.autocast(bfloat16) on CUDA
+    # (parameters, gradients and the optimizer stay float32; validation and test run in float32).
+    # On the CPU "bf16" is ignored with a message.
+    precision: str = "fp32"
     # Early stopping: stop after this many epochs without a better validation score (0: never).
     # The score is the objective's own bound: the ELBO, or the K-sample bound under IWAE.
     patience: int = 0
@@ -94,6 +102,7 @@ class TrainConfig:
             "weight_decay": (math.isfinite(self.weight_decay) and self.weight_decay >= 0, "a finite number >= 0"),
             "clip_norm": (self.clip_norm >= 0 and not math.isnan(self.clip_norm), ">= 0 (0 turns clipping off)"),
             "device": (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "auto, cpu, cuda or cuda:N"),
+            "precision": (self.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
             "patience": (self.patience >= 0, ">= 0 (0: no early stopping)"),
             "max_nonfinite_retries": (self.max_nonfinite_retries >= 0, ">= 0"),
             "log_every": (self.log_every >= 1, ">= 1"),
@@ -179,10 +188,15 @@ def _set_rng_state(state: dict) -> None:
 
 
 def evaluate_objective(
-    model, guide, objective, data: DataSplits, split: str, batch_size: int, limit=None, inputs=None
+    model, guide, objective, data: DataSplits, split: str, batch_size: int, limit=None, inputs=None, context=None
 ) -> dict[str, float]:
     """Average per-datapoint metrics of ``objective`` over a split, without annealing or gradients,
-    on whole batches plus ``inputs`` (the scheduled inputs' values, e.g. at the current step)."""
+    on whole batches plus ``inputs`` (the scheduled inputs' values, e.g. at the current step).
+
+    With a distributed ``context`` each rank evaluates a contiguous share of the split's rows and
+    the sums are reduced across ranks, so every rank returns the metrics of the whole split."""
+    if context is not None and context.active:
+        return _evaluate_sharded(model, guide, objective, data, split, batch_size, limit, inputs, context)
     was_training = model.training, guide.training
     model.eval()
     guide.eval()
@@ -198,6 +212,34 @@ def evaluate_objective(
     model.train(was_training[0])
     guide.train(was_training[1])
     return {key: float(value) / count for key, value in totals.items()}
+
+
+def _evaluate_sharded(model, guide, objective, data, split, batch_size, limit, inputs, context) -> dict[str, float]:
+    size = data.size(split) if limit is None else min(limit, data.size(split))
+    lo, hi = distributed.shard_range(size, context)
+    weight = 1
+    if lo == hi:  # more ranks than rows: evaluate a stand-in row, counted zero times
+        lo, hi, weight = 0, 1, 0
+    was_training = model.training, guide.training
+    model.eval()
+    guide.eval()
+    totals: dict[str, torch.Tensor] = {}
+    count = 0
+    with torch.no_grad():
+        for batch in data.batches(split, batch_size, limit=hi, start=lo):
+            n = batch["x"].shape[0] * weight
+            _, metrics = objective(model, guide, {**batch, **inputs} if inputs else batch)
+            for key, value in metrics.items():
+                totals[key] = totals.get(key, 0.0) + value.double() * n
+            count += n
+    model.train(was_training[0])
+    guide.train(was_training[1])
+    keys = sorted(totals)
+    table = torch.stack([torch.as_tensor(totals[key], dtype=torch.float64, device=context.device) for key in keys] + [
+        torch.tensor(float(count), dtype=torch.float64, device=context.device)
+    ])
+    table = distributed.sum_tensor(context, table, f"reducing {split} metrics").cpu()
+    return {key: float(table[index]) / float(table[-1]) for index, key in enumerate(keys)}
 
 
 class _NonFinite(Exception):
@@ -235,26 +277,39 @@ def fit(
     default). Their values are pure functions of the step, so a resumed run sees exactly the
     values an unbroken one would. Each epoch's record logs ``beta``, ``beta/<site>`` and
     ``schedule/<input>`` at the step validation ran at.
+
+    Under ``torchrun`` (``WORLD_SIZE > 1``) every rank calls ``fit`` with the same arguments: see
+    :mod:`pyrovae.train.distributed`. ``config.batch_size`` is the global batch, shared out across
+    the ranks; gradients are averaged, metrics reduced, and only rank 0 writes ``run_dir``.
     """
+    context = distributed.setup(config.device)
+    say = _say if context.is_main else _quiet
     schedules = StepSchedules.for_pair(model, guide, anneal, anneal_sites, inputs)
     selection_metric = getattr(objective, "selection_metric", "elbo")
-    device = resolve_device(config.device)
+    device = distributed.training_device(config.device, context)
+    autocast = _autocast(config.precision, device, say)
     model.to(device)
     guide.to(device)
     data = data.to(device)
     optimizer = make_optimizer(model, guide, config)
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    averager = distributed.GradientAverager(context, parameters) if context.active else None
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     state = TrainState()
     checkpoint_dir = Path(run_dir) / "checkpoints" if run_dir is not None else None
     metrics_path = Path(run_dir) / "metrics.jsonl" if run_dir is not None else None
 
     if resume:
-        if checkpoint_dir is None or not any((checkpoint_dir / name).exists() for name in (LATEST, previous_path(LATEST))):
-            raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint_dir / LATEST if checkpoint_dir else '(no run dir)'}")
-        remove_stale_temporaries(checkpoint_dir)
-        remove_stale_temporaries(metrics_path.parent)
-        saved = load_checkpoint_or_previous(checkpoint_dir / LATEST, device, warn=_say)
+
+        def load() -> dict:
+            if checkpoint_dir is None or not any((checkpoint_dir / name).exists() for name in (LATEST, previous_path(LATEST))):
+                raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint_dir / LATEST if checkpoint_dir else '(no run dir)'}")
+            remove_stale_temporaries(checkpoint_dir)
+            remove_stale_temporaries(metrics_path.parent)
+            # Rank 0 reads the file and sends it to the others (no shared file system needed).
+            return load_checkpoint_or_previous(checkpoint_dir / LATEST, "cpu" if context.active else device, warn=_say)
+
+        saved = distributed.on_main(context, load, "loading the checkpoint")
         model.load_state_dict(saved["model"])
         guide.load_state_dict(saved["guide"])
         optimizer.load_state_dict(saved["optimizer"])
@@ -264,20 +319,29 @@ def fit(
         state = TrainState(**saved_state)
         # Checkpoints written before the early stop was part of the state.
         state.stopped_early = state.stopped_early or bool(config.patience and state.epochs_without_improvement >= config.patience)
-        _set_rng_state(saved["rng"])
-        write_jsonl(state.history, metrics_path)  # drop records written after this checkpoint
-    elif metrics_path is not None:
-        metrics_path.parent.mkdir(parents=True, exist_ok=True)
-        metrics_path.write_text("")
+        _restore_rng(saved, context, say)
+        if context.is_main:
+            write_jsonl(state.history, metrics_path)  # drop records written after this checkpoint
+    else:
+        if metrics_path is not None and context.is_main:
+            metrics_path.parent.mkdir(parents=True, exist_ok=True)
+            metrics_path.write_text("")
+        _seed_other_ranks(context)
+    # Every rank starts from rank 0's parameters, as DDP does.
+    distributed.broadcast_module_state(context, model, guide)
 
-    # Every split in full, before the first step: a bad row anywhere stops the run now, not after it.
-    check_splits(data, model.check_batch)
-    with preserved_rng():  # a dynamically binarized batch draws random numbers
-        first = next(data.batches("train", min(config.batch_size, 64)))
-        clashes = sorted(set(schedules.inputs) & set(first))
-        if clashes:
-            raise ConfigError(f"scheduled input {clashes[0]!r} has the name of a batch key (the batch has {sorted(first)})")
-        check_pair(model, guide, {**first, **schedules.input_values(state.step)})
+    def check_before_training() -> None:
+        # Every split in full, before the first step: a bad row anywhere stops the run now, not after it.
+        check_splits(data, model.check_batch)
+        with preserved_rng():  # a dynamically binarized batch draws random numbers
+            first = next(data.batches("train", min(config.batch_size, 64)))
+            clashes = sorted(set(schedules.inputs) & set(first))
+            if clashes:
+                raise ConfigError(f"scheduled input {clashes[0]!r} has the name of a batch key (the batch has {sorted(first)})")
+            check_pair(model, guide, {**first, **schedules.input_values(state.step)})
+
+    # A check that fails on one rank stops every rank with its message.
+    distributed.agree(context, check_before_training, "checking the data and the pair")
 
     def checkpoint_state() -> dict:
         return {
@@ -287,19 +351,26 @@ def fit(
             "state": asdict(state),
             "rng": _rng_state(),
             "fingerprint": fingerprint,
+            "world_size": context.world_size,
         }
+
+    def saved_state() -> dict:
+        saved = checkpoint_state()
+        if context.active:  # every rank's random stream, so a resume at this world size is exact
+            saved["rng_ranks"] = distributed.gather_objects(context, saved["rng"], "gathering random states")
+        return saved
 
     steps_per_epoch = data.num_batches("train", config.batch_size)
     bar = tqdm(
         total=steps_per_epoch * config.epochs,
         initial=steps_per_epoch * state.epoch,
-        disable=not progress,
+        disable=not progress or not context.is_main,
         desc="train",
         unit="step",
         dynamic_ncols=True,
     )
     if state.stopped_early:
-        _say(f"the run stopped early at epoch {state.epoch} (patience {config.patience}); nothing left to train")
+        say(f"the run stopped early at epoch {state.epoch} (patience {config.patience}); nothing left to train")
     validation_was_on = is_validation_enabled()
     first_step = state.step == 0 and config.validate_first_step
     _set_validation(first_step)
@@ -312,7 +383,9 @@ def fit(
             snapshot = copy.deepcopy(checkpoint_state())
             started = time.perf_counter()
             try:
-                train_metrics = _run_epoch(model, guide, objective, data, config, optimizer, parameters, schedules, state, bar)
+                train_metrics = _run_epoch(
+                    model, guide, objective, data, config, optimizer, parameters, schedules, state, bar, context, averager, autocast
+                )
             except _NonFinite as failure:
                 state.nonfinite_retries += 1
                 if state.nonfinite_retries > config.max_nonfinite_retries:
@@ -332,13 +405,14 @@ def fit(
                 state = TrainState(**snapshot["state"])
                 state.nonfinite_retries = retries
                 bar.n = steps_per_epoch * state.epoch
-                _say(
+                say(
                     f"non-finite {', '.join(failure.terms)} at step {failure.step}: restored epoch {state.epoch + 1} "
                     f"start, learning rate halved to {optimizer.param_groups[0]['lr'] / 2:.3g} "
                     f"(recovery {retries}/{config.max_nonfinite_retries})"
                 )
                 continue
             _set_validation(False)
+            distributed.average_buffers(context, model, guide)
             valid_metrics = evaluate_objective(
                 model,
                 guide,
@@ -348,6 +422,7 @@ def fit(
                 config.batch_size,
                 limit=config.valid_examples or None,
                 inputs=schedules.input_values(state.step),
+                context=context,
             )
             state.epoch += 1
             record = {
@@ -364,7 +439,7 @@ def fit(
             # The first epoch always writes best.pt, so evaluation finds one even if validation went non-finite.
             improved = score > state.best_valid_score or state.best_epoch < 0
             if not math.isfinite(score):
-                _say(
+                say(
                     f"warning: validation {selection_metric} is {score} at epoch {state.epoch} although training stayed "
                     "finite; check the validation data and the model's scales"
                 )
@@ -375,20 +450,21 @@ def fit(
                 state.epochs_without_improvement += 1
             state.stopped_early = bool(config.patience and state.epochs_without_improvement >= config.patience)
             if diverged(state.history, f"valid/{selection_metric}") and not diverged(state.history[:-1], f"valid/{selection_metric}"):
-                _say(
+                say(
                     f"warning: validation {selection_metric} {score:.4g} at epoch {state.epoch} is far below its first "
                     f"epoch's {state.history[0][f'valid/{selection_metric}']:.4g}: training is diverging without a NaN; "
                     f"consider a lower train.lr or train.clip_norm"
                 )
             if checkpoint_dir is not None:
-                saved = checkpoint_state()
+                saved = saved_state()
+            if checkpoint_dir is not None and context.is_main:
                 if improved:
                     save_checkpoint(saved, checkpoint_dir / BEST)
                 save_checkpoint(saved, checkpoint_dir / LATEST)
                 append_jsonl(record, metrics_path)
             bar.set_postfix({"epoch": state.epoch, f"valid_{selection_metric}": f"{score:.2f}"})
             if state.stopped_early:
-                _say(f"early stopping at epoch {state.epoch}: no better validation {selection_metric} for {config.patience} epochs")
+                say(f"early stopping at epoch {state.epoch}: no better validation {selection_metric} for {config.patience} epochs")
                 break
     finally:
         bar.close()
@@ -399,6 +475,68 @@ def fit(
 def _say(message: str) -> None:
     """A message from the loop: on stderr (stdout carries results), without breaking the progress bar."""
     tqdm.write(message, file=sys.stderr)
+
+
+def _quiet(message: str) -> None:
+    """Ranks other than 0 keep quiet: rank 0 says what every rank would."""
+
+
+def _autocast(precision: str, device: torch.device, say) -> Callable[[], contextlib.AbstractContextManager] | None:
+    """What the training step's forward runs under: nothing for float32; bfloat16 autocast on CUDA."""
+    if precision == "fp32":
+        return None
+    if device.type != "cuda":
+        say(f"train.precision = {precision!r} applies to CUDA only; this run trains on {device.type} in float32")
+        return None
+    if not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"train.precision = {precision!r}, but {torch.cuda.get_device_name(device)} has no bfloat16 support; use 'fp32'")
+    return lambda: torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+
+
+def _seed_other_ranks(context) -> None:
+    """A fresh distributed run: rank 0 keeps its random stream (the one a single process would
+    use); every other rank gets its own, seeded from rank 0's seed and the rank."""
+    if not context.active:
+        return
+    base = distributed.broadcast_object(context, torch.initial_seed(), "sharing the seed")
+    if not context.is_main:
+        torch.manual_seed(distributed.mixed_seed(base, context.rank))
+
+
+def _restore_rng(saved: dict, context, say) -> None:
+    """Each rank's random stream from a checkpoint. At the world size it was written with, every
+    rank gets its own saved stream back (an exact resume); at another, rank 0 (or the single
+    process) takes rank 0's stream and the other ranks are seeded from it."""
+    saved_world = int(saved.get("world_size", 1))
+    ranks = saved.get("rng_ranks") or [saved["rng"]]
+    if saved_world != context.world_size:
+        say(
+            f"resuming a run written by {saved_world} process(es) with {context.world_size}: parameters, optimizer "
+            f"state, step, schedules and early stopping continue exactly, and the global batch (train.batch_size) "
+            f"is unchanged, but the data order and random draws from here on differ from an unbroken run"
+        )
+    if context.active and len(ranks) == context.world_size and saved_world == context.world_size:
+        _set_rng_state(ranks[context.rank])
+        return
+    _set_rng_state(ranks[0])
+    if context.active:
+        with preserved_rng():
+            base = int(torch.randint(0, 2**62, (1,)))
+        if not context.is_main:
+            torch.manual_seed(distributed.mixed_seed(base, context.rank))
+
+
+def _epoch_order(data: DataSplits, context) -> torch.Tensor:
+    """The epoch's permutation of the training rows: drawn by rank 0 exactly as a single process
+    draws it (``torch.randperm`` on the device, from its random stream), and sent to every rank."""
+    size = data.size("train")
+    if context.is_main:
+        order = torch.randperm(size, device=data.device)
+    else:
+        order = torch.empty(size, dtype=torch.int64, device=data.device)
+    with distributed.collective(context, "sharing the epoch's order"):
+        torch.distributed.broadcast(order, src=0)
+    return order
 
 
 def _set_validation(on: bool) -> None:
@@ -419,7 +557,9 @@ def _postfix(schedules: StepSchedules, step: int) -> dict[str, str]:
     return {key.removeprefix("schedule/"): f"{value:.3g}" for key, value in schedules.record(step).items()}
 
 
-def _run_epoch(model, guide, objective, data, config, optimizer, parameters, schedules, state, bar) -> dict[str, float]:
+def _run_epoch(
+    model, guide, objective, data, config, optimizer, parameters, schedules, state, bar, context, averager=None, autocast=None
+) -> dict[str, float]:
     model.train()
     guide.train()
     # Metrics stay on the device, kept per step and averaged once at the end of the epoch.
@@ -431,17 +571,34 @@ def _run_epoch(model, guide, objective, data, config, optimizer, parameters, sch
     # and at the epoch's end, not per step: a per-step read would stall a GPU's queue at every
     # step. Steps after a non-finite one are harmless, since recovery restores the epoch-start state.
     checked = 0  # history[:checked] is known finite
-    for batch in data.batches("train", config.batch_size, shuffle=True):
+    check = _raise_if_nonfinite if averager is None else _raise_if_nonfinite_anywhere
+    if averager is None:
+        batches = data.batches("train", config.batch_size, shuffle=True)
+    else:
+        # This rank's piece of every global batch, and its share of the rows (python numbers).
+        batches = data.shard_batches("train", config.batch_size, _epoch_order(data, context), context.rank, context.world_size)
+        shares: list[float] = []
+    for batch in batches:
+        if averager is not None:
+            batch, rows, total = batch
+            shares.append(rows / total)
         beta, by_site = schedules.betas(state.step)  # python floats: no device work
         if has_inputs:
             batch = {**batch, **schedules.input_values(state.step)}
         # Before the objective: an objective may compute gradients during its call
         # (e.g. one wrapping Pyro's loss_and_grads).
         optimizer.zero_grad(set_to_none=True)
-        with _scaling(beta, by_site):
-            loss, metrics = objective(model, guide, batch)
+        if autocast is None:
+            with _scaling(beta, by_site):
+                loss, metrics = objective(model, guide, batch)
+        else:
+            with _scaling(beta, by_site), autocast():
+                loss, metrics = objective(model, guide, batch)
         loss.backward()
         loss = loss.detach()
+        if averager is not None:
+            # The gradient of the per-datapoint loss over the global batch, on every rank.
+            averager(shares[-1] * context.world_size)
         grad_norm = torch.nn.utils.clip_grad_norm_(parameters, clip)
         optimizer.step()
         if state.step == 0:
@@ -452,15 +609,22 @@ def _run_epoch(model, guide, objective, data, config, optimizer, parameters, sch
         history.append(metrics)
         bar.update(1)
         if state.step % config.log_every == 0:
-            checked = _raise_if_nonfinite(history, checked, first_step)
+            checked = check(history, checked, first_step, context)
             if not bar.disable:
                 recent = torch.stack([m["loss"] for m in history[-config.log_every :]]).mean()
                 bar.set_postfix({"loss": f"{float(recent):.3f}", **_postfix(schedules, state.step)})
-    _raise_if_nonfinite(history, checked, first_step)
-    return {key: float(torch.stack([m[key] for m in history]).mean()) for key in history[0]}
+    check(history, checked, first_step, context)
+    if averager is None:
+        return {key: float(torch.stack([m[key] for m in history]).mean()) for key in history[0]}
+    # Each step's global metric is the row-weighted sum of the ranks' metrics; one reduction per epoch.
+    keys = sorted(history[0])
+    table = torch.stack([torch.stack([m[key].double() for key in keys]) for m in history])
+    table = table * torch.tensor(shares, dtype=torch.float64, device=table.device).unsqueeze(1)
+    table = distributed.sum_tensor(context, table.to(context.device), "reducing training metrics").mean(0).cpu()
+    return {key: float(value) for key, value in zip(keys, table)}
 
 
-def _raise_if_nonfinite(history: list[dict[str, torch.Tensor]], checked: int, first_step: int) -> int:
+def _raise_if_nonfinite(history: list[dict[str, torch.Tensor]], checked: int, first_step: int, context=None) -> int:
     """One host read for the steps not yet checked; if one went non-finite, name the first such
     step and its terms. Returns how many steps are now known finite."""
     # inf + finite, nan + anything: non-finite.
@@ -474,3 +638,24 @@ def _raise_if_nonfinite(history: list[dict[str, torch.Tensor]], checked: int, fi
             if not torch.isfinite(metrics["grad_norm"]):
                 terms.append("gradient")
             raise _NonFinite(first_step + index, terms)
+
+
+def _raise_if_nonfinite_anywhere(history: list[dict[str, torch.Tensor]], checked: int, first_step: int, context) -> int:
+    """:func:`_raise_if_nonfinite` for every rank at once: the ranks agree on the first non-finite
+    step of any rank (one small reduction), so one rank's NaN rolls back all of them. The terms
+    named are those of the rank that went non-finite first (its own loss before a gradient that
+    the averaging made non-finite everywhere)."""
+    pending = len(history) - checked
+    try:
+        _raise_if_nonfinite(history, checked, first_step)
+        local, terms = pending, []
+    except _NonFinite as failure:
+        local, terms = failure.step - first_step - checked, failure.terms
+    # Order: earliest step, then a rank whose own loss or metrics went non-finite, then rank.
+    own = 0 if any(term != "gradient" for term in terms) else 1
+    code = distributed.min_int(context, (local * 2 + own) * context.world_size + context.rank, "checking for non-finite losses")
+    index, source = code // (2 * context.world_size), code % context.world_size
+    if index >= pending:
+        return len(history)
+    terms = distributed.broadcast_object_from(context, terms, source, "naming the non-finite terms")
+    raise _NonFinite(first_step + checked + index, terms)
