@@ -1,4 +1,4 @@
-"""Command line: ``pyrovae train | evaluate | sample``."""
+"""Command line: ``pyrovae train | evaluate | sample | analyze``."""
 
 from __future__ import annotations
 
@@ -99,6 +99,27 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--count", type=_count(1), default=16, help="how many prior samples and test rows (default 16)")
     sample.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help=portable_help)
     sample.add_argument("--device", help=device_help)
+
+    analyze_help = (
+        "posterior analysis of a run on its test split, written to RUN_DIR/analysis/: posterior.nc (ArviZ "
+        "InferenceData), PSIS diagnostics of the guide (Pareto k-hat per point, IS and PSIS log p(x)), KL per "
+        "dimension, active units, I(x; z), plots, and report.md (its path is printed)"
+    )
+    analyze = commands.add_parser("analyze", help=analyze_help, description=analyze_help)
+    analyze.add_argument("run_dir")
+    analyze.add_argument("--samples", type=_count(1), default=1000, help="importance samples per test point (default 1000; PSIS needs >= 25)")
+    analyze.add_argument(
+        "--points", type=_count(0), nargs="+", metavar="IDX", help="test points to summarize and plot (default: the first three)"
+    )
+    analyze.add_argument(
+        "--test-examples",
+        type=_count(0, " (0: all)"),
+        help="analyse the first N test examples (0: all; default: the run's evaluate.test_examples)",
+    )
+    analyze.add_argument("--checkpoint", choices=["best", "latest"], help="which parameters (default: the run's evaluate.checkpoint)")
+    analyze.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help=portable_help)
+    analyze.add_argument("--device", help=device_help)
+    analyze.add_argument("--no-progress", action="store_true")
     return parser
 
 
@@ -136,6 +157,14 @@ def main(argv: list[str] | None = None) -> int:
             experiment = Experiment.from_run(args.run_dir, overrides, command="sample")
             experiment.load_parameters(args.run_dir, args.checkpoint)
             print(experiment.write_samples(args.out, run_dir=args.run_dir, count=args.count))
+        elif args.command == "analyze":
+            experiment = Experiment.from_run(args.run_dir, overrides, command="analyze")
+            which = args.checkpoint or experiment.evaluate_config.checkpoint
+            experiment.load_parameters(args.run_dir, which)
+            if args.test_examples is not None:
+                experiment.evaluate_config.test_examples = args.test_examples
+            analysis = experiment.analyze(args.run_dir, samples=args.samples, points=args.points, checkpoint=which, progress=not args.no_progress)
+            print(analysis.report)
     except USER_ERRORS as error:
         # One line: an error raised inside a Pyro trace comes back with the trace's shape table appended.
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -354,3 +354,43 @@ class Experiment:
         if history:
             written.append(training_curves(history, run_dir / "curves.png"))
         return written
+
+    def analyze(
+        self, run_dir: str | Path, samples: int = 1000, points=None, checkpoint: str | None = None, progress: bool = True
+    ):
+        """Posterior analysis of the loaded parameters on the test split (its first
+        ``evaluate.test_examples`` rows; 0: all) into ``RUN_DIR/analysis/``: ``posterior.nc``
+        (ArviZ InferenceData), PSIS diagnostics of the guide, KL per dimension, active units,
+        I(x; z), plots and ``report.md`` (see :func:`pyrovae.analysis.report.write_analysis`).
+        Draws come from the experiment's seed. Returns the :class:`~pyrovae.analysis.report.Analysis`."""
+        from pyrovae.analysis.report import write_analysis  # imports ArviZ: only when analysing
+
+        run_dir = Path(run_dir)
+        limit = self.evaluate_config.test_examples or None
+        test = {key: value[:limit] for key, value in self.data.test.items()}
+        metrics_path, final_path = run_dir / "metrics.jsonl", run_dir / FINAL_FILE
+        history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()] if metrics_path.exists() else None
+        final = json.loads(final_path.read_text()) if final_path.exists() else {}
+        attrs = {
+            "run_dir": str(run_dir.resolve()),
+            "objective": self.config["objective"]["name"],
+            "data": self.data.spec.name,
+            "checkpoint": checkpoint or self.evaluate_config.checkpoint,
+            "step": self.step,
+        }
+        return write_analysis(
+            self.model,
+            self.guide,
+            test,
+            run_dir / "analysis",
+            samples=samples,
+            points=points,
+            image_shape=self.data.spec.image_shape,
+            inputs=self.inputs(),
+            history=history,
+            metrics=final,
+            attrs=attrs,
+            seed=self.config["seed"],
+            batch_size=self.evaluate_config.batch_size,
+            progress=progress,
+        )

@@ -82,15 +82,77 @@ def sample_grid(
         prior = observation_means(model, guide, batch, from_prior=True)
         reconstructions = observation_means(model, guide, batch, from_prior=False)
     rows = [("prior sample", prior), ("data", x), ("reconstruction", reconstructions)]
-    figure, axes = plt.subplots(len(rows), count, figsize=(count * 0.8, len(rows) * 0.95), squeeze=False)
-    for row, (label, images) in enumerate(rows):
+    # One mosaic drawn as a single image (a grid of subplots takes seconds to render).
+    height, width = int(image_shape[-2]), int(image_shape[-1])
+    mosaic = torch.ones(len(rows) * (height + 1) - 1, count * (width + 1) - 1)
+    for row, (_, images) in enumerate(rows):
         for column in range(count):
-            axis = axes[row, column]
-            axis.imshow(images[column].reshape(*image_shape).float().cpu().numpy(), cmap="gray", vmin=0, vmax=1)
-            axis.set_xticks([])
-            axis.set_yticks([])
-        axes[row, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+            tile = images[column].reshape(*image_shape).float().cpu().reshape(-1, height, width)[0]
+            mosaic[row * (height + 1) : row * (height + 1) + height, column * (width + 1) : column * (width + 1) + width] = tile
+    figure, axis = plt.subplots(figsize=(1.2 + count * 0.8, len(rows) * 0.95))
+    axis.imshow(mosaic.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    axis.set_yticks([row * (height + 1) + height / 2 for row in range(len(rows))], [label for label, _ in rows], fontsize=8)
+    axis.set_xticks([])
+    axis.tick_params(length=0)
+    for spine in axis.spines.values():
+        spine.set_visible(False)
     figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def decoded_value(fn) -> torch.Tensor:
+    """What a picture of p(x | z) shows: its mean, or for categorical observations (whose mean is
+    undefined) the most probable value."""
+    try:
+        mean = fn.mean
+    except NotImplementedError:
+        mean = None
+    if mean is not None and bool(torch.isfinite(mean).all()):
+        return mean
+    base = fn
+    while hasattr(base, "base_dist"):
+        base = base.base_dist
+    probs = getattr(base, "probs", None)
+    if probs is None:
+        raise ValueError(f"cannot draw {type(fn).__name__}: it has neither a finite mean nor probabilities")
+    return probs.argmax(-1).to(torch.get_default_dtype())
+
+
+def sample_rows_figure(
+    model: Model,
+    guide,
+    data,
+    path: str | Path,
+    count: int = 16,
+    inputs: Mapping[str, float] | None = None,
+) -> Path:
+    """The PNG of :func:`sample_rows` for data that are not images: three heat maps, one row per
+    example and one column per feature (or sequence position): prior samples, test rows and their
+    reconstructions, each the mean of p(x | z) (the most probable value for categorical data), on
+    the whole batch. Positions past a row's ``lengths`` are left blank."""
+    batch = _first_rows(data, count, inputs)
+    with _evaluation_mode(model, guide):
+        prior, posterior = observation_distributions(model, guide, batch)
+        with torch.no_grad():
+            panels = [("prior samples", decoded_value(prior)), ("test rows", batch["x"]), ("reconstructions", decoded_value(posterior))]
+    lengths = batch.get("lengths") if torch.is_tensor(batch.get("lengths")) else None
+    figure, axes = plt.subplots(1, 3, figsize=(12, 0.3 * min(count, int(batch["x"].shape[0])) + 1.5), squeeze=False)
+    values = [panel.detach().float().cpu().reshape(panel.shape[0], -1) for _, panel in panels]
+    low = min(float(v.nan_to_num(0).min()) for v in values)
+    high = max(float(v.nan_to_num(0).max()) for v in values)
+    for axis, (label, _), rows in zip(axes[0], panels, values):
+        rows = rows.clone()
+        if lengths is not None and rows.shape[1] == int(batch["x"].shape[1]):
+            positions = torch.arange(rows.shape[1]).unsqueeze(0)
+            rows[positions >= lengths.cpu().unsqueeze(1)] = float("nan")
+        image = axis.imshow(rows.numpy(), aspect="auto", interpolation="nearest", vmin=low, vmax=high, cmap="viridis")
+        axis.set_title(label, fontsize=9)
+        axis.set_xlabel("feature" if lengths is None else "position")
+        axis.set_ylabel("example")
+    figure.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
     path = Path(path)
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -162,25 +224,42 @@ def sample_rows(
 
 
 def training_curves(history: list[dict], path: str | Path) -> Path:
-    """Validation ELBO and per-site KL by epoch: the curves that show learning and collapse."""
+    """Four panels by epoch from ``metrics.jsonl`` records: the ELBO (train, valid, and the
+    objective's own bound such as ``valid/iwae``), the reconstruction term E_q[log p(x | z)], the
+    KL per latent site (``train/kl/<site>`` dashed, ``valid/kl/<site>`` solid: the curves that show
+    collapse), and every schedule (``beta``, ``beta/<site>``, ``schedule/<input>``)."""
     epochs = [record["epoch"] for record in history]
-    kl_keys = sorted({key for record in history for key in record if key.startswith("valid/kl/")})
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
-    for split in ("train", "valid"):
-        left.plot(epochs, [record.get(f"{split}/elbo") for record in history], label=f"{split} ELBO")
-    if any("valid/iwae" in record for record in history):
-        left.plot(epochs, [record.get("valid/iwae") for record in history], label="valid IWAE bound")
-    left.set_xlabel("epoch")
-    left.set_ylabel("nats per example")
-    left.legend()
-    for key in kl_keys:
-        right.plot(epochs, [record.get(key) for record in history], label=key.removeprefix("valid/"))
-    right.plot(epochs, [record.get("beta") for record in history], "k:", label="beta")
-    for key in sorted({key for record in history for key in record if key.startswith("beta/")}):
-        right.plot(epochs, [record.get(key) for record in history], ":", label=key)
-    right.set_xlabel("epoch")
-    right.set_ylabel("KL (nats) / beta")
-    right.legend()
+    keys = sorted({key for record in history for key in record})
+
+    def series(key):
+        return [record.get(key, float("nan")) for record in history]
+
+    figure, axes = plt.subplots(1, 4, figsize=(18, 3.6))
+    elbo, reconstruction, kl, schedules = axes
+    for key in ("train/elbo", "valid/elbo"):
+        if key in keys:
+            elbo.plot(epochs, series(key), label=key.replace("/", " "))
+    for key in keys:
+        if key.startswith("valid/") and key.count("/") == 1 and key not in ("valid/elbo", "valid/reconstruction", "valid/loss"):
+            elbo.plot(epochs, series(key), "--", label=f"{key.replace('/', ' ')} bound")
+    elbo.set_title("ELBO")
+    for key in ("train/reconstruction", "valid/reconstruction"):
+        if key in keys:
+            reconstruction.plot(epochs, series(key), label=key.replace("/", " "))
+    reconstruction.set_title("reconstruction E_q[log p(x | z)]")
+    for key in keys:
+        if key.startswith("valid/kl/") or key.startswith("train/kl/"):
+            kl.plot(epochs, series(key), "-" if key.startswith("valid/") else "--", label=key)
+    kl.set_title("KL per latent site")
+    for key in keys:
+        if key == "beta" or key.startswith("beta/") or key.startswith("schedule/"):
+            schedules.plot(epochs, series(key), label=key)
+    schedules.set_title("schedules")
+    for axis, unit in zip(axes, ("nats per example", "nats per example", "nats per example", "value")):
+        axis.set_xlabel("epoch")
+        axis.set_ylabel(unit)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=7)
     figure.tight_layout()
     path = Path(path)
     figure.savefig(path, dpi=100)

@@ -1,0 +1,322 @@
+"""One folder that says what a trained pair learned: the posterior as netCDF, the guide's PSIS
+diagnostics, latent summaries, plots, and ``report.md`` tying them together (``pyrovae analyze``)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pyrovae.analysis.diagnostics import MIN_PSIS_SAMPLES, PARETO_K_BAD, PARETO_K_GOOD, psis_diagnostics
+from pyrovae.analysis.active_units import active_units
+from pyrovae.analysis.latents import (
+    aggregate_posterior_moments,
+    continuous_sites,
+    kl_per_dimension,
+    latent_summary,
+    mutual_information,
+)
+from pyrovae.analysis.plots import sample_grid, sample_rows_figure, training_curves
+from pyrovae.analysis.posterior import draw_posterior, part_name, seeded, to_inference_data, whole_batch
+from pyrovae.analysis.posterior_plots import forest_plot, kl_bars, latent_scatter, latent_traversals, pareto_k_plot, posterior_plot
+from pyrovae.errors import ConfigError
+
+# Burda et al. 2016: a unit is active when Cov_x(E_q[z_d | x]) > 0.01.
+ACTIVE_UNIT_THRESHOLD = 0.01
+POSTERIOR_FILE = "posterior.nc"
+REPORT_FILE = "report.md"
+
+
+@dataclass
+class Analysis:
+    """What :func:`write_analysis` wrote: ``report`` (report.md), ``files`` (name -> path of every
+    file, PNGs included) and ``numbers`` (the report's metrics, also in ``analysis.json``)."""
+
+    report: Path
+    files: dict[str, Path] = field(default_factory=dict)
+    numbers: dict = field(default_factory=dict)
+
+
+def write_analysis(
+    model,
+    guide,
+    data,
+    out_dir: str | Path,
+    *,
+    samples: int = 1000,
+    points: Sequence[int] | None = None,
+    image_shape: Sequence[int] | None = None,
+    inputs: Mapping[str, float] | None = None,
+    history: list[dict] | None = None,
+    metrics: Mapping[str, object] | None = None,
+    attrs: Mapping[str, object] | None = None,
+    seed: int | None = 0,
+    batch_size: int = 100,
+    progress: bool = False,
+) -> Analysis:
+    """Analyse the pair on ``data`` (the test rows: the whole batch contract) into ``out_dir``:
+
+    - ``posterior.nc``: :func:`to_inference_data` with ``samples`` draws per datapoint;
+    - ``diagnostics.csv``: per datapoint Pareto k-hat, IS and PSIS log p(x) (:func:`psis_diagnostics`);
+    - ``analysis.json``: the numbers below; ``report.md``: them as tables, with the plots;
+    - PNGs: ``curves.png`` (from ``history``, the run's metrics.jsonl), ``samples.png`` (prior samples
+      and reconstructions: an image grid for image data, heat-map rows otherwise),
+      ``traversals.png``, ``latent_scatter.png``, ``kl_per_dimension.png``, ``pareto_k.png``,
+      ``forest.png`` and ``posterior.png`` (the chosen ``points``, default the first three).
+
+    The numbers: mean IS and PSIS log p(x), the share of points with k-hat > 0.7, KL per site
+    and dimension, active units, I(x; z), the aggregate posterior's moments, and ``metrics``
+    (e.g. final.json). Draws come from ``seed``; the caller's random streams are left as they were.
+    """
+    tensors, extra = whole_batch(data, inputs)
+    count = int(tensors["x"].shape[0])
+    if samples < MIN_PSIS_SAMPLES:
+        raise ConfigError(
+            f"--samples {samples}: PSIS needs at least {MIN_PSIS_SAMPLES} importance samples per test point to fit the Pareto tail"
+        )
+    points = list(range(min(3, count))) if points is None else [int(p) for p in points]
+    for point in points:
+        if not 0 <= point < count:
+            raise ConfigError(f"--points {point}: the analysed test set has {count} examples (indices 0..{count - 1})")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Path] = {}
+    stages = tqdm(total=9, disable=not progress, desc="analysis", unit="step")
+
+    def stage(name: str):
+        stages.set_postfix_str(name)
+        stages.update(1)
+
+    draws = draw_posterior(model, guide, tensors, samples, inputs=extra, batch_size=batch_size, seed=seed, progress=progress)
+    all_attrs = {"model": part_name(model), "guide": part_name(guide), **dict(attrs or {})}
+    idata = to_inference_data(model, guide, tensors, inputs=extra, seed=seed, attrs=all_attrs, draws=draws)
+    files["posterior"] = Path(idata.to_netcdf(str(out / POSTERIOR_FILE)))
+    stage("posterior.nc")
+    psis = psis_diagnostics(idata)
+    files["diagnostics"] = _write_diagnostics(psis, out / "diagnostics.csv")
+    stage("PSIS")
+    kl = kl_per_dimension(draws=draws)
+    with seeded(seed):
+        units = active_units(model, guide, tensors, ACTIVE_UNIT_THRESHOLD, samples=20, inputs=extra, batch_size=batch_size)
+    activity = _activity(units, idata)
+    moments = aggregate_posterior_moments(idata)
+    mi = mutual_information(model, guide, tensors, inputs=extra, batch_size=batch_size, seed=seed, progress=progress)
+    stage("latents")
+    ranking = {name: activity[name] for name in activity.data_vars}
+    if history:
+        files["curves"] = training_curves(history, out / "curves.png")
+    if image_shape is not None:
+        files["samples"] = sample_grid(model, guide, tensors, out / "samples.png", image_shape, count=16, inputs=extra)
+    else:
+        files["samples"] = sample_rows_figure(model, guide, tensors, out / "samples.png", count=16, inputs=extra)
+    stage("samples")
+    traversal = latent_traversals(
+        model, idata, tensors, out / "traversals.png", point=points[0] if points else 0, inputs=extra, image_shape=image_shape, ranking=ranking
+    )
+    if traversal is not None:
+        files["traversals"] = traversal
+    stage("traversals")
+    for name, written in (
+        ("latent_scatter", latent_scatter(idata, out / "latent_scatter.png")),
+        ("kl_per_dimension", kl_bars(kl, out / "kl_per_dimension.png")),
+        ("pareto_k", pareto_k_plot(psis, out / "pareto_k.png")),
+    ):
+        if written is not None:
+            files[name] = written
+    stage("maps")
+    summary = latent_summary(idata, points, psis=psis) if points and continuous_sites(idata) else None
+    if points:
+        for name, written in (
+            ("forest", forest_plot(idata, points, out / "forest.png", ranking=ranking)),
+            ("posterior_plot", posterior_plot(idata, points, out / "posterior.png", ranking=ranking)),
+        ):
+            if written is not None:
+                files[name] = written
+    stage("ArviZ plots")
+    k = psis["pareto_k"].values
+    finite = k[np.isfinite(k)]
+    numbers = {
+        "test_examples": count,
+        "samples": samples,
+        "is_log_likelihood": psis.attrs["is_log_likelihood_mean"],
+        "psis_log_likelihood": psis.attrs["psis_log_likelihood_mean"],
+        "share_pareto_k_above_0.7": float(np.mean(k > PARETO_K_BAD)),
+        "share_pareto_k_below_0.5": float(np.mean(k < PARETO_K_GOOD)),
+        "pareto_k_median": float(np.median(k)) if k.size else math.nan,
+        "pareto_k_max": float(finite.max()) if finite.size else -math.inf,
+        "active_units": activity.attrs["active"],
+        "latent_dims": activity.attrs["dims"],
+        "mutual_information": mi,
+        "mutual_information_upper_bound": math.log(count),
+        "kl": {name: value.attrs["total"] for name, value in kl.items()},
+        "kl_per_dimension": {name: np.atleast_1d(value.values).reshape(-1).round(5).tolist() for name, value in kl.items()},
+        "activity": {name: np.atleast_1d(activity[name].values).reshape(-1).round(5).tolist() for name in activity.data_vars},
+        "aggregate_posterior": {
+            name: {"mean": np.atleast_1d(m["mean"].values).reshape(-1).round(5).tolist(), "std": np.atleast_1d(m["std"].values).reshape(-1).round(5).tolist()}
+            for name, m in moments.items()
+        },
+        "points": points,
+        "seed": seed,
+        "inputs": extra,
+        "attrs": {key: str(value) for key, value in all_attrs.items()},
+    }
+    (out / "analysis.json").write_text(json.dumps({**numbers, "run_metrics": _plain(metrics or {})}, indent=2) + "\n")
+    files["analysis"] = out / "analysis.json"
+    report = out / REPORT_FILE
+    report.write_text(_report_text(numbers, metrics or {}, kl, activity, moments, summary, idata, psis, points, files))
+    files["report"] = report
+    stage("report.md")
+    stages.close()
+    return Analysis(report=report, files=files, numbers=numbers)
+
+
+def _activity(units, idata):
+    """Cov_x(E_q[z_d | x]) of :func:`active_units` as an ``xarray.Dataset`` shaped like the sites'
+    dims in ``idata.posterior`` (continuous sites only), with the counts in ``attrs``."""
+    import xarray as xr
+
+    variables, active, dims = {}, 0, 0
+    for name in continuous_sites(idata):
+        if name not in units:
+            continue
+        var = idata.posterior[name]
+        event = [dim for dim in var.dims if dim not in ("chain", "draw", "obs")]
+        shape = [var.sizes[dim] for dim in event]
+        values = units[name].variance.numpy().reshape(shape)
+        variables[name] = xr.DataArray(values, dims=event, coords={dim: var.coords[dim] for dim in event})
+        active += units[name].active
+        dims += units[name].dims
+    return xr.Dataset(variables, attrs={"threshold": ACTIVE_UNIT_THRESHOLD, "active": active, "dims": dims})
+
+
+def _plain(values: Mapping) -> dict:
+    return {key: value for key, value in values.items() if isinstance(value, (int, float, str, bool)) or value is None}
+
+
+def _write_diagnostics(psis, path: Path) -> Path:
+    columns = ["obs"] + (["label"] if "label" in psis.coords else []) + ["pareto_k", "is_log_likelihood", "psis_log_likelihood"]
+    rows = [",".join(columns)]
+    for index in range(psis.sizes["obs"]):
+        item = psis.isel(obs=index)
+        cells = [str(item.coords["obs"].item())]
+        if "label" in psis.coords:
+            cells.append(str(item.coords["label"].item()))
+        cells += [f"{float(item[name]):.6g}" for name in columns[len(cells) :]]
+        rows.append(",".join(cells))
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    def cell(value) -> str:
+        if isinstance(value, float):
+            return "inf" if value == math.inf else "-inf" if value == -math.inf else f"{value:.4g}"
+        return str(value).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(value) for value in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _image(files, name: str, caption: str) -> str:
+    path = files.get(name)
+    return f"![{caption}]({path.name})\n\n" if path is not None else ""
+
+
+def _report_text(numbers, metrics, kl, activity, moments, summary, idata, psis, points, files) -> str:
+    attrs = numbers["attrs"]
+    title = attrs.get("run_dir", "a model/guide pair")
+    parts = [f"# Analysis of {title}\n\n"]
+    described = [f"{key} `{attrs[key]}`" for key in ("model", "guide", "objective", "data", "checkpoint", "step") if key in attrs]
+    parts.append(
+        ", ".join(described) + f". {numbers['test_examples']} test points, {numbers['samples']} importance samples from the "
+        f"guide per point (seed {numbers['seed']}). The posterior is in `{POSTERIOR_FILE}` (ArviZ InferenceData: "
+        "`az.from_netcdf`); per-point diagnostics in `diagnostics.csv`, every number below in `analysis.json`.\n\n"
+    )
+    if numbers["inputs"]:
+        parts.append("Scheduled inputs at the checkpoint's step: " + ", ".join(f"`{k} = {v:.4g}`" for k, v in numbers["inputs"].items()) + ".\n\n")
+    rows = [
+        ("test log p(x), importance sampling (nats)", numbers["is_log_likelihood"]),
+        ("test log p(x), PSIS (nats)", numbers["psis_log_likelihood"]),
+        ("share of test points with Pareto k-hat > 0.7", f"{numbers['share_pareto_k_above_0.7']:.1%}"),
+        ("share with k-hat < 0.5", f"{numbers['share_pareto_k_below_0.5']:.1%}"),
+        ("k-hat: median / max", f"{numbers['pareto_k_median']:.3g} / {numbers['pareto_k_max']:.3g}"),
+        (f"active units (Cov_x E_q[z_d] > {ACTIVE_UNIT_THRESHOLD})", f"{numbers['active_units']} of {numbers['latent_dims']}"),
+        ("mutual information I(x; z) (nats; at most log N = %.2f)" % numbers["mutual_information_upper_bound"], numbers["mutual_information"]),
+    ]
+    rows += [(f"KL(q({site} | x) || p({site})) (nats)", total) for site, total in numbers["kl"].items()]
+    rows += [(f"run: `{key}`", value) for key, value in _plain(metrics).items() if isinstance(value, (int, float)) and not isinstance(value, bool)]
+    parts.append("## Numbers\n\n" + markdown_table(["quantity", "value"], rows) + "\n")
+    parts.append(
+        "## The guide as an importance sampler (PSIS)\n\n"
+        "Pareto k-hat (Yao et al. 2018, `arviz.psislw`) of the weights p(x, z) / q(z | x) per test point: below 0.5 "
+        "q(z | x) covers the posterior and the importance-sampled log p(x) is reliable; above 0.7 it is not. "
+        "The PSIS estimate smooths the largest weights; where it departs from the plain one, the plain one is noisy.\n\n"
+    )
+    parts.append(_image(files, "pareto_k", "Pareto k-hat per test point"))
+    if "curves" in files:
+        parts.append("## Training curves\n\n" + _image(files, "curves", "ELBO, reconstruction, KL per site and schedules by epoch"))
+    parts.append("## Samples and reconstructions\n\n" + _image(files, "samples", "prior samples, test rows and their reconstructions"))
+    parts.append("## Latents\n\n")
+    parts.append(_image(files, "kl_per_dimension", "KL per latent dimension"))
+    table = []
+    for site in activity.data_vars:
+        act = np.atleast_1d(activity[site].values).reshape(-1)
+        klv = np.atleast_1d(kl[site].values).reshape(-1) if site in kl else np.full(1, np.nan)
+        mean = np.atleast_1d(moments[site]["mean"].values).reshape(-1)
+        std = np.atleast_1d(moments[site]["std"].values).reshape(-1)
+        for d in range(act.size):
+            table.append((site, d, float(klv[d]) if klv.size == act.size else "", float(act[d]), "yes" if act[d] > ACTIVE_UNIT_THRESHOLD else "no", float(mean[d]), float(std[d])))
+    if table:
+        parts.append(
+            "Per dimension: KL(q(z_d | x) || p(z_d)) averaged over the test points, activity Cov_x(E_q[z_d | x]), and the "
+            "aggregate posterior q(z) = mean_n q(z | x_n)'s mean and standard deviation (a standard-normal prior has 0 and 1).\n\n"
+        )
+        parts.append(markdown_table(["site", "dim", "KL (nats)", "activity", "active", "q(z) mean", "q(z) std"], table) + "\n")
+    parts.append(_image(files, "latent_scatter", "posterior means coloured by label"))
+    parts.append(_image(files, "traversals", "latent traversals"))
+    if points:
+        parts.append(f"## Chosen test points: {', '.join(str(p) for p in points)}\n\n")
+        if summary is not None:
+            parts.append(
+                "`arviz.summary` of the guide's draws (mean, sd, 94% HDI) beside `psis_mean`, the PSIS-weighted "
+                "posterior mean (an estimate of E_p[z | x]).\n\n"
+            )
+            headers = ["variable"] + list(summary.columns)
+            parts.append(markdown_table(headers, [[index, *[float(v) for v in row]] for index, row in zip(summary.index, summary.values)]) + "\n")
+        parts.append(_enumerated_table(idata, psis, points))
+        parts.append(_image(files, "forest", "forest plot"))
+        parts.append(_image(files, "posterior_plot", "posterior plot"))
+    return "".join(parts)
+
+
+def _enumerated_table(idata, psis, points) -> str:
+    """P(e | x) of each enumerated site for the chosen points: the PSIS-weighted frequencies of
+    the draws, sum_s w~_s 1[e_s = e]; the three most probable values."""
+    enumerated = [name for name in str(idata.posterior.attrs.get("enumerated_sites", "")).split(",") if name]
+    text = ""
+    for name in enumerated:
+        rows = []
+        for point in points:
+            draws = idata.posterior[name].sel(obs=point).values.reshape(-1)
+            weights = np.exp(psis["psis_log_weight"].sel(obs=point).values.reshape(-1))
+            if (draws < 0).all():
+                rows.append((point, "", "hidden by a mask"))
+                continue
+            values = np.unique(draws[draws >= 0])
+            probs = np.array([weights[draws == v].sum() for v in values])
+            order = np.argsort(-probs)[:3]
+            label = idata.posterior.coords["label"].sel(obs=point).item() if "label" in idata.posterior.coords else ""
+            rows.append((point, label, ", ".join(f"{values[i]}: {probs[i]:.3f}" for i in order)))
+        text += (
+            f"Posterior of the enumerated site `{name}` (PSIS-weighted frequencies of its draws from the exact conditional "
+            "posterior; the three most probable values):\n\n"
+        )
+        text += markdown_table(["point", "label", f"P({name} | x)"], rows) + "\n"
+    return text
