@@ -63,7 +63,10 @@ def kl_per_dimension(
 
 
 def continuous_sites(idata) -> list[str]:
-    """Floating-point latent sites of ``idata.posterior`` (enumerated sites left out)."""
+    """Floating-point latent sites of ``idata.posterior`` (enumerated sites left out; none for a
+    pair without latents)."""
+    if "posterior" not in idata.groups():
+        return []
     enumerated = set(str(idata.posterior.attrs.get("enumerated_sites", "")).split(",")) - {""}
     return [name for name, var in idata.posterior.data_vars.items() if var.dtype.kind == "f" and name not in enumerated]
 

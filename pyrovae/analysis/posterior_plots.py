@@ -45,6 +45,8 @@ def _is_real(support) -> bool:
 
 
 def _enumerated(idata) -> set[str]:
+    if "posterior" not in idata.groups():
+        return set()
     return set(str(idata.posterior.attrs.get("enumerated_sites", "")).split(",")) - {""}
 
 
@@ -88,6 +90,8 @@ def latent_traversals(
     data; sequence models are teacher-forced on the point's own tokens). Only real-valued sites
     move; discrete sites stay at the point's most frequent draw, other sites at the draw nearest
     their mean. Returns None when the model has no real-valued latent to move."""
+    if not continuous_sites(idata):
+        return None
     tensors, extra = whole_batch(data, inputs)
     position = int(np.flatnonzero(idata.posterior.coords["obs"].values == point)[0])
     row = {key: value[position : position + 1] for key, value in tensors.items()}

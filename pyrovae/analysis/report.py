@@ -299,6 +299,8 @@ def _report_text(numbers, metrics, kl, activity, moments, summary, idata, psis, 
 def _enumerated_table(idata, psis, points) -> str:
     """P(e | x) of each enumerated site for the chosen points: the PSIS-weighted frequencies of
     the draws, sum_s w~_s 1[e_s = e]; the three most probable values."""
+    if "posterior" not in idata.groups():
+        return ""
     enumerated = [name for name in str(idata.posterior.attrs.get("enumerated_sites", "")).split(",") if name]
     text = ""
     for name in enumerated:
