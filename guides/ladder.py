@@ -29,10 +29,8 @@ def _check_scales(config) -> None:
 
 def start_scale(head: nn.Linear, initial_scale: float | None, min_scale: float) -> None:
     """Start a [mu, s] head with sigma = softplus(s) + min_scale about ``initial_scale`` (the s-half's
-    bias set to give it, its small weights left as they are drawn): with narrow estimates the first
-    steps train like an autoencoder, and the decoder learns to read z before the KL terms can pull
-    q onto the prior (with sigma about 0.7 at the usual init, the ladder guide's z1 collapsed in the
-    first hundreds of steps on MNIST). None keeps the usual init."""
+    bias set to give it, its small weights left as they are drawn), so the first steps train close to
+    an autoencoder. None keeps the usual init (sigma about 0.7)."""
     if initial_scale is None:
         return
     half = head.out_features // 2
@@ -51,7 +49,7 @@ def _hidden(config_hidden, model: LadderVAE) -> list[list[int]]:
 class BottomUpGuideConfig:
     # hidden[l - 1]: the network into z_l (x -> z_1, z_{l-1} -> z_l); None: the model's hidden.
     hidden: list[list[int]] | None = None
-    activation: str = "tanh"
+    activation: str = "leaky_relu"
     min_scale: float = 1e-4
     # sigma of each q(z_l | .) at initialization (see start_scale); None: the usual init.
     initial_scale: float | None = 0.1
@@ -100,7 +98,7 @@ class LadderGuideConfig:
     hidden: list[list[int]] | None = None
     # Width of each d_l; None: the last hidden size of its network (2 * dim z_l if it has none).
     deterministic: list[int] | None = None
-    activation: str = "tanh"
+    activation: str = "leaky_relu"
     min_scale: float = 1e-4
     # sigma^_l of each estimate at initialization (see start_scale); None: the usual init.
     initial_scale: float | None = 0.1
