@@ -16,7 +16,8 @@ process does and sends it to the other ranks, so the rows agree. Sampling noise 
 rank draws z for its own rows only), so the comparison uses static binarization and
 :class:`MeanELBO`, the ELBO with every guide site at its mean: the whole run is deterministic,
 and the two runs differ only by float rounding in the reductions. Tolerance: 1e-4 absolute on
-every parameter after 2 epochs (42 Adam steps; the observed difference is about 1e-6).
+every parameter after 2 epochs (42 Adam steps of 63 images, 32 on one rank and 31 on the other;
+the observed difference is about 1e-6).
 """
 
 from __future__ import annotations
@@ -30,16 +31,20 @@ import sys
 import time
 from pathlib import Path
 
+import pyro
 import pytest
 import torch
 from pyro.poutine.messenger import Messenger
 
+from pyrovae.experiment import Experiment
 from pyrovae.objectives import ELBO
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "experiments" / "quickstart.toml"
 TOLERANCE = 1e-4
-DETERMINISTIC = ["--set", 'data.binarize="static"', "--set", 'objective.name="tests.test_distributed:MeanELBO"']
+# Batches of 63 rows split 32/31, so the ranks' gradients and metrics are weighted unequally at every step.
+DETERMINISTIC_SETTINGS = ['data.binarize="static"', 'objective.name="tests.test_distributed:MeanELBO"', "train.batch_size=63"]
+DETERMINISTIC = [item for setting in DETERMINISTIC_SETTINGS for item in ("--set", setting)]
 
 
 class _AtTheMean(Messenger):
@@ -136,7 +141,6 @@ def _digest(experiment) -> list[float]:
 
 def worker(out: Path) -> None:
     from pyrovae.cli import main
-    from pyrovae.experiment import Experiment
     from pyrovae.train import distributed, fit
 
     context = distributed.setup("cpu")
@@ -163,6 +167,28 @@ def worker(out: Path) -> None:
         experiment = Experiment.from_config(config)
         final = experiment.train(out / name, progress=False)
         report(name, {"final": final, "digest": _digest(experiment), "data": type(experiment.data).__name__})
+
+    # The distributed step reads nothing back from the device (sharding, objective, averaging, clipping).
+    from tests.test_enum_elbo import no_host_reads
+    from pyrovae.objectives import IWAE
+
+    for objective in (ELBO(), IWAE(particles=3)):
+        experiment = Experiment.from_config(tiny())
+        parameters = list(experiment.model.parameters()) + list(experiment.guide.parameters())
+        averager = distributed.GradientAverager(context, parameters)
+        order = torch.arange(experiment.data.size("train"))
+        objective(experiment.model, experiment.guide, next(experiment.data.batches("train", 8)))  # inspection, validation
+        pyro.enable_validation(False)  # as the fit loop does after the first step
+        torch.distributions.Distribution.set_default_validate_args(False)
+        with no_host_reads():
+            for step, (batch, rows, total) in enumerate(experiment.data.shard_batches("train", 64, order, rank, 2)):
+                loss, _ = objective(experiment.model, experiment.guide, batch)
+                loss.backward()
+                averager(rows * 2 / total)
+                torch.nn.utils.clip_grad_norm_(parameters, 100.0)
+                if step == 2:
+                    break
+    report("no_host_reads", {})
 
     # One rank's NaN rolls every rank back.
     experiment = Experiment.from_config(tiny(train={"epochs": 2}))
@@ -199,13 +225,12 @@ def read_ranks(out: Path, name: str) -> list[dict]:
 
 def test_two_processes_reach_the_parameters_of_one_with_the_same_global_batch(worker_job, tmp_path):
     from pyrovae.config import load_experiment
-    from pyrovae.experiment import Experiment
 
     out, _ = worker_job
     assert read_ranks(out, "cli")[0]["code"] == 0
     two = out / "quickstart"
     single = Experiment.from_config(
-        load_experiment(QUICKSTART, ["train.epochs=2", "evaluate.particles=5", 'data.binarize="static"', 'objective.name="tests.test_distributed:MeanELBO"'])
+        load_experiment(QUICKSTART, ["train.epochs=2", "evaluate.particles=5", *DETERMINISTIC_SETTINGS])
     )
     single.train(tmp_path / "one", progress=False)
     one_parameters, two_parameters = parameters(tmp_path / "one" / "checkpoints" / "latest.pt"), parameters(two / "checkpoints" / "latest.pt")
@@ -244,6 +269,11 @@ def test_memory_mapped_data_under_two_processes(worker_job):
     assert [r["data"] for r in ranks] == ["MemmapSplits", "MemmapSplits"]
     assert ranks[0]["digest"] == ranks[1]["digest"]
     assert (out / "arrays" / "pyrovae-arrays.json").exists() and not list(out.glob(".arrays.*"))
+
+
+def test_the_distributed_step_reads_nothing_back_from_the_device(worker_job):
+    out, _ = worker_job
+    assert len(read_ranks(out, "no_host_reads")) == 2  # the worker would have stopped at a host read
 
 
 def test_one_ranks_nan_rolls_back_every_rank(worker_job):
@@ -333,6 +363,28 @@ def test_sigkill_of_one_rank_stops_the_job_with_a_message_and_resume_continues(t
     err = capsys.readouterr().err
     assert "resuming a run written by 2 process(es) with 1" in err
     assert [r["epoch"] for r in records(run)] == list(range(1, killed_at + 4))
+
+
+def test_bf16_is_ignored_on_the_cpu_with_a_message(capsys):
+    from pyrovae.train import fit
+
+    experiment = Experiment.from_config(tiny(train={"epochs": 1, "precision": "bf16"}))
+    result = fit(experiment.model, experiment.guide, experiment.objective, experiment.data, experiment.train_config, progress=False)
+    assert "train.precision = 'bf16' applies to CUDA only; this run trains on cpu in float32" in capsys.readouterr().err
+    assert result.state.epoch == 1 and all(p.dtype == torch.float32 for p in experiment.model.parameters())
+    from pyrovae.train import TrainConfig
+
+    with pytest.raises(ValueError, match="train.precision = 'fp16' is not allowed: it must be one of fp32, bf16"):
+        TrainConfig(precision="fp16")
+
+
+def test_nproc_under_torchrun_is_refused_in_one_line(capsys, monkeypatch):
+    from pyrovae.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert main(["train", str(QUICKSTART), "--nproc", "2"]) == 2
+    assert "error: --nproc starts torchrun, but this process already runs under torchrun" in capsys.readouterr().err
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:

@@ -88,6 +88,10 @@ class MemmapSplits(DataSplits):
                 batch["x"] = torch.bernoulli(batch["x"])
             yield batch
 
+    def shard_batches(self, name: str, batch_size: int, order: torch.Tensor, rank: int, world_size: int):
+        # The rows are read on the host: one copy of the epoch's order there, not one per step.
+        return super().shard_batches(name, batch_size, order.cpu(), rank, world_size)
+
     def take(self, name: str, index: torch.Tensor) -> Batch:
         index = index.cpu()
         return self._deliver({key: value.index_select(0, index) for key, value in self.split(name).items()})

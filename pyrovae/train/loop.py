@@ -455,8 +455,8 @@ def fit(
                     f"epoch's {state.history[0][f'valid/{selection_metric}']:.4g}: training is diverging without a NaN; "
                     f"consider a lower train.lr or train.clip_norm"
                 )
-            if checkpoint_dir is not None:
-                saved = saved_state()
+            # Every rank takes part in gathering the random states, whether or not it was given run_dir.
+            saved = saved_state() if checkpoint_dir is not None or context.active else None
             if checkpoint_dir is not None and context.is_main:
                 if improved:
                     save_checkpoint(saved, checkpoint_dir / BEST)
