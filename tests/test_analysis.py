@@ -356,6 +356,22 @@ def test_write_analysis_on_data_that_are_not_images_recovers_the_active_units(pp
     assert "curves" not in analysis.files  # no training history given
 
 
+def test_write_analysis_on_variable_length_token_rows(tmp_path):
+    """The GRU sequence pair (masks, lengths, categorical tokens): every plot is drawn, rows are cut
+    to their lengths, and the draws honour the mask."""
+    data = families.toy_sequences()
+    model = families.GRUSequenceVAE(families.SequenceConfig(), data.spec)
+    guide = families.GRUSequenceGuide(families.GuideConfig(), data.spec, model)
+    test = {key: value[:24] for key, value in data.test.items()}
+    analysis = write_analysis(model, guide, test, tmp_path, samples=30, seed=0)
+    assert {"samples", "traversals", "latent_scatter", "forest", "posterior_plot", "pareto_k"} <= set(analysis.files)
+    assert_pngs_decode(tmp_path, ["samples.png", "traversals.png"])
+    idata = az.from_netcdf(str(tmp_path / "posterior.nc"))
+    assert {"mask", "lengths"} <= set(idata.constant_data.data_vars)
+    reference = importance_log_likelihood(model, guide, test, particles=2000, batch_size=24)
+    assert analysis.numbers["is_log_likelihood"] == pytest.approx(float(reference.mean()), abs=0.5)
+
+
 @pytest.fixture(scope="module")
 def quickstart_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("quickstart") / "run"

@@ -156,15 +156,18 @@ def latent_traversals(
         axis.set_title(f"latent traversals around test point {point}", fontsize=9)
     else:
         figure, axes = plt.subplots(1, len(chosen), figsize=(2.6 * len(chosen), 2.4), squeeze=False)
-        flat_pictures = pictures.reshape(total, -1)
-        low, high = float(flat_pictures.min()), float(flat_pictures.max())
+        flat_pictures = pictures.reshape(total, -1).clone()
+        lengths = row.get("lengths")
+        if torch.is_tensor(lengths) and flat_pictures.shape[1] == int(row["x"].shape[1]):
+            flat_pictures[:, int(lengths[0]) :] = float("nan")  # past the point's own length
+        low, high = float(flat_pictures.nan_to_num(0).min()), float(flat_pictures.nan_to_num(0).max())
         for r, axis in enumerate(axes[0]):
             axis.imshow(flat_pictures[r * steps : (r + 1) * steps].numpy(), aspect="auto", interpolation="nearest", vmin=low, vmax=high)
             axis.set_yticks(range(steps), [f"{float(o):+.0f}" for o in offsets], fontsize=6)
             axis.set_title(titles[r], fontsize=8)
-            axis.set_xlabel("feature", fontsize=7)
+            axis.set_xlabel("position" if torch.is_tensor(lengths) else "feature", fontsize=7)
         axes[0, 0].set_ylabel("offset (sd)", fontsize=7)
-        figure.suptitle(f"latent traversals around test point {point}: mean of p(x | z)", fontsize=9)
+        figure.suptitle(f"latent traversals around test point {point}: decoded p(x | z)", fontsize=9, y=1.04)
     return _save(figure, path)
 
 
