@@ -10,7 +10,6 @@ traces of :func:`pyrovae.traces.trace_pair` with :func:`pyrovae.traces.reported_
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Mapping
@@ -76,7 +75,8 @@ class PosteriorDraws:
     ``values[site]``: (S, N, *dims[site]); ``log_likelihood[site]``: (S, N) per observed site;
     ``log_weight``: (S, N); ``kl[site]``: (N, *kl_dims[site]), the mean over the draws of
     log q(z_d | x) - log p(z_d | parents) per factorized dimension d (the site's whole term
-    where its densities do not factorize)."""
+    where its densities do not factorize); ``hidden[site]``: (N,) bool, for an enumerated site,
+    the datapoints a mask hides it from (its draws are -1 there)."""
 
     values: dict[str, torch.Tensor]
     dims: dict[str, tuple[str, ...]]
@@ -157,7 +157,7 @@ def draw_posterior(
                 if enumerate:
                     check_enumeration_in_data_plate(model_trace, guide_trace)
                 parts.append(reader.read(model_trace, guide_trace))
-            for key, value in _join(parts, kl_sum=True).items():
+            for key, value in _join(parts).items():
                 collected.setdefault(key, []).append(value)
     joined = {key: torch.cat(values, dim=_obs_dim(key)) for key, values in collected.items()}
     log_weight = joined.pop("log_weight")
@@ -182,7 +182,7 @@ def _obs_dim(key: str) -> int:
     return 0 if key.startswith(("kl:", "hidden:")) else 1
 
 
-def _join(parts: list[dict], kl_sum: bool) -> dict:
+def _join(parts: list[dict]) -> dict:
     """Chunks of particles of one batch: draws concatenated, KL sums added."""
     out = {}
     for key in parts[0]:
@@ -485,9 +485,3 @@ def _dataset(variables, coords, dims, attrs, sampled: bool = True):
         dims={name: dims[name] for name in variables},
         default_dims=None if sampled else [],
     )
-
-
-def log_mean_exp(values: np.ndarray, axis: int) -> np.ndarray:
-    from scipy.special import logsumexp
-
-    return logsumexp(values, axis=axis) - math.log(values.shape[axis])

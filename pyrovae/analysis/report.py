@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from pyrovae.analysis.diagnostics import MIN_PSIS_SAMPLES, PARETO_K_BAD, PARETO_K_GOOD, psis_diagnostics
@@ -87,7 +86,7 @@ def write_analysis(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
-    stages = tqdm(total=9, disable=not progress, desc="analysis", unit="step")
+    stages = tqdm(total=8, disable=not progress, desc="analysis", unit="step")
 
     def stage(name: str):
         stages.set_postfix_str(name)
@@ -264,6 +263,8 @@ def _report_text(numbers, metrics, kl, activity, moments, summary, idata, psis, 
         parts.append("## Training curves\n\n" + _image(files, "curves", "ELBO, reconstruction, KL per site and schedules by epoch"))
     parts.append("## Samples and reconstructions\n\n" + _image(files, "samples", "prior samples, test rows and their reconstructions"))
     parts.append("## Latents\n\n")
+    if "posterior" not in idata.groups():
+        parts.append("The pair has no latent sites: each log-weight is log p(x) itself, exactly.\n\n")
     parts.append(_image(files, "kl_per_dimension", "KL per latent dimension"))
     table = []
     for site in activity.data_vars:
