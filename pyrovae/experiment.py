@@ -95,7 +95,7 @@ def _check_overrides(overrides: dict, allowed: tuple[str, ...], command: str) ->
     refused = sorted(key for key in _flatten(overrides) if not is_allowed_setting(key, allowed))
     if refused:
         shown = ", ".join(item + ("*" if item.endswith(".") else "") for item in allowed)
-        raise ConfigError(f"{command}: --set {refused[0]} would change the trained run; only {shown} may be changed here")
+        raise ConfigError(f"--set {refused[0]} would change the trained run; {command} may change only {shown}")
 
 
 def _flatten(config: dict, prefix: str = "") -> dict:
