@@ -334,6 +334,28 @@ def test_model_config_bounds(options, message):
         LadderVAEConfig(**options)
 
 
+@pytest.mark.parametrize("config_class", [LadderGuideConfig, BottomUpGuideConfig])
+def test_guide_config_bounds(config_class):
+    with pytest.raises(ValueError, match="min_scale"):
+        config_class(min_scale=0.0)
+    with pytest.raises(ValueError, match="initial_scale"):
+        config_class(initial_scale=1e-5)
+    with pytest.raises(ValueError, match="unknown activation"):
+        config_class(activation="swish")
+
+
+def test_estimates_start_at_the_initial_scale(binary_x):
+    model = LadderVAE(LadderVAEConfig(latent_dims=[6, 3], hidden=[[16], [8]]), DataSpec("b", (20,), "binary"))
+    torch.manual_seed(0)
+    guide = LadderGuide(LadderGuideConfig(initial_scale=0.1), model.data, model)
+    with torch.no_grad():
+        estimates = guide.upward(binary_x)
+        usual = LadderGuide(LadderGuideConfig(initial_scale=None), model.data, model).upward(binary_x)
+    for _, scale in estimates:
+        assert 0.05 < float(scale.median()) < 0.2  # softplus(bias) + min_scale = 0.1, moved by the small weights
+    assert all(0.3 < float(scale.median()) < 1.2 for _, scale in usual)
+
+
 def test_guides_refuse_other_models_and_mismatched_layers():
     spec = DataSpec("b", (20,), "binary")
     vae = GaussianVAE(GaussianVAEConfig(latent_dim=2, hidden=[8]), spec)
