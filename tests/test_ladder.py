@@ -17,7 +17,6 @@ import math
 
 import pytest
 import torch
-from torch.nn import functional as F
 
 from pyrovae import DataSpec, check_pair
 from pyrovae.analysis import active_units, importance_log_likelihood, observation_means
@@ -230,7 +229,7 @@ def test_site_consistency_and_shapes(guide_class, binary_x):
 
 
 def test_ladder_guide_shares_the_models_top_down_networks(binary_x):
-    model, guide = LadderVAE(LadderVAEConfig(latent_dims=[6, 3], hidden=[[16], [8]]), DataSpec("b", (20,), "binary")), None
+    model = LadderVAE(LadderVAEConfig(latent_dims=[6, 3], hidden=[[16], [8]]), DataSpec("b", (20,), "binary"))
     guide = LadderGuide(LadderGuideConfig(), model.data, model)
     assert guide.top_down is model.top_down
     from pyrovae.train.loop import parameter_groups
