@@ -91,7 +91,7 @@ def test_site_consistency_sampling_shapes_and_one_step(marginal):
     optimizer.zero_grad()
     before.backward()
     optimizer.step()
-    assert float(loss()) < float(before) - 1e-3
+    assert float(loss().detach()) < float(before.detach()) - 1e-3
 
 
 @pytest.mark.parametrize("marginal", [False, True], ids=["q(y|x)", "p(y|z)"])
