@@ -50,6 +50,7 @@ class BottomUpGuideConfig:
     # hidden[l - 1]: the network into z_l (x -> z_1, z_{l-1} -> z_l); None: the model's hidden.
     hidden: list[list[int]] | None = None
     activation: str = "leaky_relu"
+    batch_norm: bool = False
     min_scale: float = 1e-4
     # sigma of each q(z_l | .) at initialization (see start_scale); None: the usual init.
     initial_scale: float | None = 0.1
@@ -78,7 +79,7 @@ class BottomUpGuide(Guide):
         self.dims = list(model.config.latent_dims)
         inputs = [data.x_features] + self.dims[:-1]
         self.up = nn.ModuleList(
-            MLP(width, sizes, 2 * dim, activation=config.activation)
+            MLP(width, sizes, 2 * dim, activation=config.activation, batch_norm=config.batch_norm)
             for width, sizes, dim in zip(inputs, _hidden(config.hidden, model), self.dims)
         )
         for network in self.up:
@@ -99,6 +100,7 @@ class LadderGuideConfig:
     # Width of each d_l; None: the last hidden size of its network (2 * dim z_l if it has none).
     deterministic: list[int] | None = None
     activation: str = "leaky_relu"
+    batch_norm: bool = False
     min_scale: float = 1e-4
     # sigma^_l of each estimate at initialization (see start_scale); None: the usual init.
     initial_scale: float | None = 0.1
@@ -143,7 +145,9 @@ class LadderGuide(Guide):
         elif len(widths) != len(self.dims):
             raise ValueError(f"deterministic = {widths!r} has {len(widths)} widths, but the model has {len(self.dims)} stochastic layers")
         inputs = [data.x_features] + list(widths[:-1])
-        self.up = nn.ModuleList(MLP(i, sizes, w, activation=config.activation) for i, sizes, w in zip(inputs, hidden, widths))
+        self.up = nn.ModuleList(
+            MLP(i, sizes, w, activation=config.activation, batch_norm=config.batch_norm) for i, sizes, w in zip(inputs, hidden, widths)
+        )
         self.heads = nn.ModuleList(nn.Linear(width, 2 * dim) for width, dim in zip(widths, self.dims))
         for head in self.heads:
             start_scale(head, config.initial_scale, config.min_scale)

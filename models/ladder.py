@@ -40,6 +40,8 @@ class LadderVAEConfig:
     # Sønderby et al. use leaky ReLU; with tanh (2 x 512) the networks saturated and the pair stayed
     # at the mean image (-208 nats on MNIST) for the first epochs.
     activation: str = "leaky_relu"
+    # Batch normalization after each hidden linear layer (Sønderby et al. use it).
+    batch_norm: bool = False
     likelihood: str = "bernoulli"
     # Gaussian likelihood only: a fixed observation scale, or None to learn one per feature.
     observation_scale: float | None = None
@@ -80,10 +82,11 @@ class LadderVAE(Model):
         dims, hidden = list(config.latent_dims), [list(h) for h in config.hidden]
         options = {"scale": config.observation_scale} if config.likelihood == "gaussian" else {}
         self.likelihood = build_likelihood(config.likelihood, data, **options)
-        self.decoder = MLP(dims[0], hidden[0], self.likelihood.out_features, activation=config.activation)
+        layer = {"activation": config.activation, "batch_norm": config.batch_norm}
+        self.decoder = MLP(dims[0], hidden[0], self.likelihood.out_features, **layer)
         # top_down[l - 1] gives p(z_l | z_{l+1}), l = 1 .. L-1.
         self.top_down = nn.ModuleList(
-            MLP(dims[level], hidden[level], 2 * dims[level - 1], activation=config.activation) for level in range(1, len(dims))
+            MLP(dims[level], hidden[level], 2 * dims[level - 1], **layer) for level in range(1, len(dims))
         )
 
     @property

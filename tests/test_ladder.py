@@ -228,6 +228,20 @@ def test_site_consistency_and_shapes(guide_class, binary_x):
     assert ((prior_mean > 0) & (prior_mean < 1)).all()
 
 
+def test_batch_norm_pairs_run_under_particles_in_both_modes(binary_x):
+    spec = DataSpec("b", (20,), "binary")
+    model = LadderVAE(LadderVAEConfig(latent_dims=[6, 3], hidden=[[16], [8]], batch_norm=True), spec)
+    guide = LadderGuide(LadderGuideConfig(batch_norm=True), spec, model)
+    assert any(isinstance(layer, torch.nn.BatchNorm1d) for layer in model.decoder)
+    check_pair(model, guide, {"x": binary_x})
+    loss, _ = ELBO()(model, guide, {"x": binary_x})
+    loss.backward()
+    # In evaluation the running statistics are used, so particle dims fold into the batch safely.
+    estimate = importance_log_likelihood(model, guide, binary_x, particles=7, batch_size=8)
+    assert estimate.shape == (24,) and torch.isfinite(estimate).all()
+    assert model.training and guide.training  # restored
+
+
 def test_ladder_guide_shares_the_models_top_down_networks(binary_x):
     model = LadderVAE(LadderVAEConfig(latent_dims=[6, 3], hidden=[[16], [8]]), DataSpec("b", (20,), "binary"))
     guide = LadderGuide(LadderGuideConfig(), model.data, model)
