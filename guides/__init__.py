@@ -1,6 +1,10 @@
 """Inference halves, one file per family. Importing this package registers their short names."""
 
 from pyrovae.guides.normal import DiagonalNormalGuide, DiagonalNormalGuideConfig
+from pyrovae.guides.ladder import BottomUpGuide, BottomUpGuideConfig, LadderGuide, LadderGuideConfig
+from pyrovae.guides.categorical import CategoricalGuide, CategoricalGuideConfig
+from pyrovae.guides.m2 import M2Guide, M2GuideConfig
+from pyrovae.guides.gmvae import GMVAEGuide, GMVAEGuideConfig, GMVAEMarginalGuide, GMVAEMarginalGuideConfig
 from pyrovae.guides.cvae import (
     ConditionalEncoderConfig,
     LabelConditionedEncoder,
@@ -10,6 +14,8 @@ from pyrovae.guides.cvae import (
 )
 
 __all__ = [
-    "DiagonalNormalGuide", "DiagonalNormalGuideConfig",
+    "DiagonalNormalGuide", "DiagonalNormalGuideConfig", "M2Guide", "M2GuideConfig",
+    "GMVAEGuide", "GMVAEGuideConfig", "GMVAEMarginalGuide", "GMVAEMarginalGuideConfig",
+    "BottomUpGuide", "BottomUpGuideConfig", "LadderGuide", "LadderGuideConfig", "CategoricalGuide", "CategoricalGuideConfig",
     "ConditionalEncoderConfig", "LabelConditionedEncoder", "NoLatentsConfig", "NoLatentsGuide", "RecognitionGuide",
 ]

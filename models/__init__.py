@@ -1,6 +1,10 @@
 """Generative halves, one file per family. Importing this package registers their short names."""
 
 from pyrovae.models.vae import GaussianVAE, GaussianVAEConfig
+from pyrovae.models.ladder import LadderVAE, LadderVAEConfig
+from pyrovae.models.categorical import CategoricalVAE, CategoricalVAEConfig
+from pyrovae.models.m2 import M2, M2Config
+from pyrovae.models.gmvae import GMVAE, GMVAEConfig
 from pyrovae.models.cvae import (
     CVAEBaseline,
     CVAEBaselineConfig,
@@ -10,4 +14,4 @@ from pyrovae.models.cvae import (
     StructuredOutputCVAEConfig,
 )
 
-__all__ = ["GaussianVAE", "GaussianVAEConfig", "CVAEBaseline", "CVAEBaselineConfig", "LabelConditionedVAE", "LabelConditionedVAEConfig", "StructuredOutputCVAE", "StructuredOutputCVAEConfig"]
+__all__ = ["GaussianVAE", "GaussianVAEConfig", "M2", "M2Config", "GMVAE", "GMVAEConfig", "LadderVAE", "LadderVAEConfig", "CategoricalVAE", "CategoricalVAEConfig", "CVAEBaseline", "CVAEBaselineConfig", "LabelConditionedVAE", "LabelConditionedVAEConfig", "StructuredOutputCVAE", "StructuredOutputCVAEConfig"]

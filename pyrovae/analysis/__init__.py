@@ -30,7 +30,9 @@ def __getattr__(name):
     raise AttributeError(f"module 'pyrovae.analysis' has no attribute {name!r}")
 
 
+from pyrovae.analysis.active_units import ActiveUnits, active_units, posterior_means
 from pyrovae.analysis.likelihood import importance_log_likelihood
+from pyrovae.analysis.classification import clustering_accuracy, label_metrics
 from pyrovae.analysis.conditional import class_grid, completion_grid, generated_label_accuracy, label_samples
 from pyrovae.analysis.plots import (
     observation_distributions,
@@ -42,10 +44,15 @@ from pyrovae.analysis.plots import (
 )
 
 __all__ = [
+    "ActiveUnits",
+    "active_units",
+    "posterior_means",
     "class_grid",
     "completion_grid",
     "generated_label_accuracy",
     "label_samples",
+    "clustering_accuracy",
+    "label_metrics",
     "importance_log_likelihood",
     "observation_distributions",
     "observation_means",
