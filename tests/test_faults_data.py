@@ -225,3 +225,21 @@ def test_make_splits_refuses_nan_grey_levels(binarize):
     train[:, 0] = 2.0
     with pytest.raises(DataError, match=r"tiny train split: batch\['x'\] row 0, feature 0 holds 2"):
         make_splits(spec, {"x": train}, {"x": grey_levels(20)}, validation=10, binarize=binarize, seed=0)
+
+
+def test_a_checked_data_set_is_checked_again_only_after_it_changes():
+    data = splits("static")
+    calls = []
+
+    def counting_check(batch):
+        calls.append(batch["x"].shape[0])
+        check_of(data)(batch)
+
+    check_splits(data, counting_check, cache_key="model A")
+    check_splits(data.to("cpu"), counting_check, cache_key="model A")  # same tensors: no second pass
+    assert len(calls) == 3
+    check_splits(data, counting_check, cache_key="model B")  # another model checks for itself
+    assert len(calls) == 6
+    data.test["x"][7, 2] = 0.25  # an in-place write after the check
+    with pytest.raises(DataError, match=r"^test split: .*row 7, feature 2 is 0.25"):
+        check_splits(data, counting_check, cache_key="model A")

@@ -173,12 +173,45 @@ def make_splits(
     return DataSplits(spec=spec, train=train, valid=valid, test=test, binarize=binarize)
 
 
-def check_splits(data: DataSplits, check_batch: Callable[[Batch], None]) -> None:
+# In-memory splits that passed a check, by (what checked them, the tensors' identities and versions):
+# fitting several pairs to one data set in a process (a sweep, a benchmark) checks it once.
+_PASSED: dict[tuple, bool] = {}
+
+
+def _fingerprint(data: DataSplits, cache_key) -> tuple | None:
+    if cache_key is None or type(data) is not DataSplits:
+        return None  # data read from disk may change between checks
+    tensors = []
+    for name in SPLITS:
+        for key, value in sorted(data.split(name).items()):
+            if not torch.is_tensor(value):
+                return None
+            # _version counts in-place writes, so a tensor changed since its check is checked again.
+            tensors.append((name, key, id(value), value._version, value.data_ptr(), tuple(value.shape), str(value.device)))
+    return (cache_key, data.binarize, tuple(tensors))
+
+
+def check_splits(data: DataSplits, check_batch: Callable[[Batch], None], cache_key=None) -> None:
     """Check every split in full before training: ``check_batch`` (the model's own check,
     ``Model.check_batch``) runs on each whole split as one batch, so the rows it names are rows of
     that split; its :class:`DataError` is raised again with the split named in front. With
     ``binarize = "dynamic"`` the raw training grey levels must be finite and in [0, 1], and the check
-    runs on one Bernoulli draw of the whole training split, drawn without moving the global RNG."""
+    runs on one Bernoulli draw of the whole training split, drawn without moving the global RNG.
+
+    ``cache_key`` (hashable) names what ``check_batch`` checks (e.g. the model's class, data spec and
+    config): in-memory splits that passed under the same key, unchanged since (same tensors, no
+    in-place writes), are not checked again."""
+    fingerprint = _fingerprint(data, cache_key)
+    if fingerprint is not None and fingerprint in _PASSED:
+        return
+    _check_every_split(data, check_batch)
+    if fingerprint is not None:
+        if len(_PASSED) > 64:
+            _PASSED.clear()
+        _PASSED[fingerprint] = True
+
+
+def _check_every_split(data: DataSplits, check_batch: Callable[[Batch], None]) -> None:
     for name in SPLITS:
         for piece, tensors in data.check_chunks(name):
             x = tensors.get("x") if isinstance(tensors, dict) else None

@@ -332,7 +332,7 @@ def fit(
 
     def check_before_training() -> None:
         # Every split in full, before the first step: a bad row anywhere stops the run now, not after it.
-        check_splits(data, model.check_batch)
+        check_splits(data, model.check_batch, cache_key=_check_key(model))
         with preserved_rng():  # a dynamically binarized batch draws random numbers
             first = next(data.batches("train", min(config.batch_size, 64)))
             clashes = sorted(set(schedules.inputs) & set(first))
@@ -470,6 +470,16 @@ def fit(
         bar.close()
         _set_validation(validation_was_on)
     return FitResult(state=state, stopped_early=state.stopped_early, device=device)
+
+
+def _check_key(model) -> tuple | None:
+    """What ``model.check_batch`` depends on, for :func:`check_splits`'s cache (None: not cached)."""
+    try:
+        key = (type(model), model.data, repr(getattr(model, "config", None)), repr(getattr(model, "likelihood", None)))
+        hash(key)
+    except TypeError:
+        return None
+    return key
 
 
 def _say(message: str) -> None:
