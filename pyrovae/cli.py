@@ -178,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\npyrovae {args.command}: interrupted{_resume_hint(args, run_dir)}", file=sys.stderr)
         return 130
     finally:
+        if distributed.launched_world_size() > 1 and args.command == "train":
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # leaving: a late SIGTERM just ends the process
         distributed.shutdown()
     return 0
 

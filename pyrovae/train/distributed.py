@@ -29,6 +29,7 @@ import contextlib
 import datetime
 import os
 import pickle
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
@@ -151,6 +152,13 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def _reason(error: BaseException) -> str:
+    """A backend's error in a few words: gloo's ``[.../pair.cc:553] Connection closed by peer
+    [127.0.0.1]:64231. This is typically ...`` becomes ``Connection closed by peer [127.0.0.1]:64231``."""
+    text = re.sub(r"^\[[^\]]*\]\s*", "", _first_line(error))
+    return text.split(". ")[0].rstrip(".")
+
+
 @contextlib.contextmanager
 def collective(context: Context, what: str) -> Iterator[None]:
     """Turn a collective's failure (a peer killed, a broken connection, a timeout) into
@@ -162,7 +170,7 @@ def collective(context: Context, what: str) -> Iterator[None]:
     except RuntimeError as error:  # DistBackendError and gloo/nccl failures are RuntimeErrors
         raise DistributedJobError(
             f"rank {context.rank} of {context.world_size} lost contact with the other processes of the job during "
-            f"{what} ({_first_line(error)}): another process stopped or was killed"
+            f"{what} ({_reason(error)}): another process stopped or was killed"
         ) from None
 
 
