@@ -183,6 +183,9 @@ class StructuredOutputCVAEConfig:
     baseline_run: Path | None = None
     # Keep training the baseline's network inside the CVAE (false: frozen, as in Pyro's example).
     train_baseline: bool = False
+    # With a baseline: add its logits to the generation network's (whose last layer starts at 0), so
+    # training starts at the baseline's prediction; false: the baseline's guess is only an input.
+    start_at_baseline: bool = True
 
     def __post_init__(self):
         check_sizes(latent_dim=self.latent_dim, hidden=self.hidden)
@@ -206,7 +209,8 @@ class StructuredOutputCVAE(Model):
         l_n = logit(y_hat_n) + g([h_n, z_n]),   g's last layer initialised to 0
 
     so training starts from the baseline's prediction (its NLL) and the latent code learns what it
-    leaves out; f is frozen unless ``train_baseline``. The recognition network q(z | x, y) is the
+    leaves out; with ``start_at_baseline = false`` the guess is an input only (l_n = g([h_n, z_n]), as
+    in Fig. 1d). f is frozen unless ``train_baseline``. The recognition network q(z | x, y) is the
     ``cvae_recognition`` guide.
     """
 
@@ -222,7 +226,7 @@ class StructuredOutputCVAE(Model):
             self.baseline.requires_grad_(config.train_baseline)
         self.prior_net = MLP(features, config.hidden, 2 * config.latent_dim, activation=config.activation)
         self.generation_net = MLP(features + config.latent_dim, config.hidden, features, activation=config.activation)
-        if self.baseline is not None:
+        if self.baseline is not None and config.start_at_baseline:
             nn.init.zeros_(self.generation_net[-1].weight)
             nn.init.zeros_(self.generation_net[-1].bias)
 
@@ -247,7 +251,7 @@ class StructuredOutputCVAE(Model):
         with pyro.plate("data", x.shape[0], device=x.device):
             z = pyro.sample("z", normal_head(self.prior_net(h)))
             logits = self.generation_net(torch.cat([_lead(h, z.shape[:-1]), z], -1))
-            if guess is not None:
+            if guess is not None and self.config.start_at_baseline:
                 logits = logits + guess
             pyro.sample("x", target_bernoulli(logits, c, target), obs=x)
 

@@ -210,11 +210,14 @@ def test_completion_batches_are_checked_by_name():
 
 # No latents: the stock ``elbo`` cannot stack an empty list of KL terms, so the baseline uses Pyro's
 # Trace_ELBO (as its experiment file does).
-@pytest.mark.parametrize("make, objective", [(cvae_pair, "elbo"), (baseline_pair, "pyro:Trace_ELBO")])
-def test_one_step_lowers_the_loss_on_a_fixed_batch(make, objective):
+@pytest.mark.parametrize(
+    "make, objective, options",
+    [(cvae_pair, "elbo", {}), (cvae_pair, "iwae", {"particles": 5, "dreg": True}), (baseline_pair, "pyro:Trace_ELBO", {})],
+)
+def test_one_step_lowers_the_loss_on_a_fixed_batch(make, objective, options):
     model, guide = make()
     batch = quadrant_batch(rows=64)
-    objective = OBJECTIVES.resolve(objective)()
+    objective = OBJECTIVES.resolve(objective)(**options)
     parameters = list(model.parameters()) + list(guide.parameters())
     optimizer = torch.optim.Adam(parameters, lr=1e-2)
 
@@ -343,6 +346,14 @@ def test_a_cvae_built_on_the_baseline_starts_at_its_prediction_and_keeps_it_froz
     assert all(not p.requires_grad and p.grad is None for p in model.baseline.parameters())
     assert all(torch.equal(a, b) for a, b in zip(frozen, model.baseline.parameters()))
     assert not all(torch.equal(a, b) for a, b in zip(prior, model.prior_net.parameters()))
+    # start_at_baseline = false: the baseline's guess is an input only, so p(y | x, z) starts elsewhere.
+    spec = digits_quadrants(1).spec
+    torch.manual_seed(0)
+    as_input = StructuredOutputCVAE(StructuredOutputCVAEConfig(latent_dim=4, hidden=[32], baseline_run=run, start_at_baseline=False), spec)
+    means = observation_means(as_input, RecognitionGuide(ConditionalEncoderConfig(hidden=[32]), spec, as_input), batch, from_prior=True)
+    assert not torch.allclose(means, expected, atol=1e-2)
+    h, _ = as_input.network_input(batch["c"], batch["target"])
+    assert torch.allclose(h[batch["target"]], expected[batch["target"]], atol=1e-6)  # the guess fills the target pixels
     trained, _ = cvae_pair(baseline_run=run, train_baseline=True)
     ELBO()(trained, RecognitionGuide(ConditionalEncoderConfig(hidden=[32]), trained.data, trained), batch)[0].backward()
     assert all(p.grad is not None for p in trained.baseline.parameters())
