@@ -90,7 +90,7 @@ def test_one_step_lowers_the_loss_on_a_fixed_batch():
     optimizer.zero_grad()
     before.backward()
     optimizer.step()
-    assert float(loss()) < float(before) - 1e-3
+    assert float(loss().detach()) < float(before.detach()) - 1e-3
 
 
 def test_config_bounds():
