@@ -13,6 +13,7 @@ from torch.nn import functional as F
 from pyrovae.analysis.classification import clustering_accuracy, label_metrics
 from pyrovae.cli import main
 from pyrovae.config import dump_toml, load_experiment, resolve_config
+from pyrovae.errors import UnsupportedPairError
 from pyrovae.guides import GMVAEGuide, GMVAEGuideConfig, GMVAEMarginalGuide, GMVAEMarginalGuideConfig
 from pyrovae.models import GMVAE, GMVAEConfig
 from pyrovae.objectives import ELBO, EnumELBO
@@ -164,7 +165,7 @@ def test_enumerated_bound_equals_the_hand_written_sum(marginal):
 
 def test_the_objectives_that_cannot_sum_y_out_refuse_it():
     model, guide = tiny_gmvae(marginal=True)
-    with pytest.raises(Exception, match="enum_elbo"):
+    with pytest.raises(UnsupportedPairError, match="enum_elbo"):
         ELBO()(model, guide, binary_batch())
 
 

@@ -15,7 +15,8 @@ every training batch:
 - validation and test batches, and unshuffled training batches (the checks and evaluations), are
   those of :class:`~pyrovae.data.splits.DataSplits`.
 
-The draws use torch's global RNG, which the fit loop checkpoints, so a resumed run repeats them.
+The draws use torch's global RNG, which the fit loop checkpoints, so a run resumed from an epoch's
+end repeats them. Data-parallel training (``shard_batches``, under torchrun) does not add the rows.
 
 In TOML, the built-in image loaders with this option are ``pyrovae.data.semisupervised:mnist``,
 ``pyrovae.data.semisupervised:fashion_mnist`` and ``pyrovae.data.semisupervised:digits``; they take
