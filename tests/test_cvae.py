@@ -160,7 +160,7 @@ def test_experiment_files_resolve_and_the_cli_reaches_given_quadrants():
     for name in ("cvae_quadrants.toml", "cvae_quadrants_baseline.toml"):
         config = resolve_config(load_experiment(ROOT / "experiments" / name, ["data.given_quadrants=3"]))
         assert config["data"]["given_quadrants"] == 3 and config["data"]["binarize"] == "static"
-        assert config["data"]["dir"] == str((ROOT.parent / "shared" / "data" / "mnist").resolve())
+        assert Path(config["data"]["dir"]).resolve() == (ROOT.parent / "shared" / "data" / "mnist").resolve()
     config = resolve_config(load_experiment(ROOT / "experiments" / "cvae_quadrants.toml", ["model.baseline_run=runs/q1"]))
     assert config["model"]["baseline_run"] == str(Path.cwd() / "runs" / "q1")
 

@@ -20,7 +20,7 @@ from tests.conftest import tiny_experiment, tiny_pair
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"model": {"name": "vea"}}, r"\[model\] name: unknown model 'vea'; registered: vae"),
+        ({"model": {"name": "vea"}}, r"\[model\] name: unknown model 'vea'; registered: .*\bvae\b"),
         ({"model": {"latent_dim": "big"}}, r"\[model\] latent_dim = 'big': expected an integer"),
         ({"model": {"hidden": [32, "x"]}}, r"\[model\] hidden = \[32, 'x'\]: expected a list of an integer"),
         ({"model": {"latnt_dim": 4}}, r"\[model\] unknown key 'latnt_dim' for model 'vae'; expected one of: latent_dim"),
