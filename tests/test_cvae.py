@@ -45,12 +45,10 @@ def digits_quadrants(given: int = 1):
     return quadrants(source="digits", given_quadrants=given)
 
 
-def cvae_pair(given: int = 1, baseline_run=None, train_baseline=False):
+def cvae_pair(given: int = 1, **options):
     spec = digits_quadrants(given).spec
     torch.manual_seed(0)
-    model = StructuredOutputCVAE(
-        StructuredOutputCVAEConfig(latent_dim=4, hidden=[32], baseline_run=baseline_run, train_baseline=train_baseline), spec
-    )
+    model = StructuredOutputCVAE(StructuredOutputCVAEConfig(latent_dim=4, hidden=[32], **options), spec)
     guide = RecognitionGuide(ConditionalEncoderConfig(hidden=[32]), spec, model)
     return model, guide
 
@@ -322,7 +320,7 @@ def test_the_baseline_nll_is_exact(baseline_run):
     assert final["particles"] == 1 and final["test_nll"] < 48 * math.log(2)  # beats coin flips on 48 target pixels
 
 
-def test_a_cvae_built_on_the_baseline_starts_at_its_prediction_and_keeps_it_frozen(baseline_run):
+def test_a_cvae_built_on_the_baseline_reads_its_guess_and_keeps_it_frozen(baseline_run):
     run, _ = baseline_run
     baseline = Experiment.from_run(run)
     baseline.load_parameters(run)
@@ -332,11 +330,16 @@ def test_a_cvae_built_on_the_baseline_starts_at_its_prediction_and_keeps_it_froz
     for name, ours in model.baseline.named_parameters():
         assert torch.equal(ours, theirs[name]), name
     batch = quadrant_batch()
-    # At initialisation p(y | x, z) is the baseline's prediction, whatever z: the CVAE starts from it.
-    expected = observation_means(baseline.model, baseline.guide, batch, from_prior=True)
+    guess = observation_means(baseline.model, baseline.guide, batch, from_prior=True)
+    # The baseline's guess fills the pixels to predict in the input of the prior and generation networks.
+    h, _ = model.network_input(batch["c"], batch["target"])
+    assert torch.allclose(h, guess, atol=1e-6)
+    assert not torch.allclose(observation_means(model, guide, batch, from_prior=True), guess, atol=1e-2)
+    # start_at_baseline: p(y | x, z) is the baseline's prediction at initialisation, whatever z.
+    started, started_guide = cvae_pair(baseline_run=run, start_at_baseline=True)
     for seed in range(2):
         torch.manual_seed(seed)
-        assert torch.allclose(observation_means(model, guide, batch, from_prior=True), expected, atol=1e-6)
+        assert torch.allclose(observation_means(started, started_guide, batch, from_prior=True), guess, atol=1e-6)
     # Frozen: a training step moves the CVAE's networks, not the baseline's.
     frozen = [p.detach().clone() for p in model.baseline.parameters()]
     prior = [p.detach().clone() for p in model.prior_net.parameters()]
@@ -346,16 +349,8 @@ def test_a_cvae_built_on_the_baseline_starts_at_its_prediction_and_keeps_it_froz
     assert all(not p.requires_grad and p.grad is None for p in model.baseline.parameters())
     assert all(torch.equal(a, b) for a, b in zip(frozen, model.baseline.parameters()))
     assert not all(torch.equal(a, b) for a, b in zip(prior, model.prior_net.parameters()))
-    # start_at_baseline = false: the baseline's guess is an input only, so p(y | x, z) starts elsewhere.
-    spec = digits_quadrants(1).spec
-    torch.manual_seed(0)
-    as_input = StructuredOutputCVAE(StructuredOutputCVAEConfig(latent_dim=4, hidden=[32], baseline_run=run, start_at_baseline=False), spec)
-    means = observation_means(as_input, RecognitionGuide(ConditionalEncoderConfig(hidden=[32]), spec, as_input), batch, from_prior=True)
-    assert not torch.allclose(means, expected, atol=1e-2)
-    h, _ = as_input.network_input(batch["c"], batch["target"])
-    assert torch.allclose(h[batch["target"]], expected[batch["target"]], atol=1e-6)  # the guess fills the target pixels
-    trained, _ = cvae_pair(baseline_run=run, train_baseline=True)
-    ELBO()(trained, RecognitionGuide(ConditionalEncoderConfig(hidden=[32]), trained.data, trained), batch)[0].backward()
+    trained, trained_guide = cvae_pair(baseline_run=run, train_baseline=True)
+    ELBO()(trained, trained_guide, batch)[0].backward()
     assert all(p.grad is not None for p in trained.baseline.parameters())
 
 
