@@ -78,6 +78,16 @@ class DataSplits:
                 batch["x"] = torch.bernoulli(batch["x"])
             yield batch
 
+    def random_batch(self, name: str, batch_size: int) -> Batch:
+        """``batch_size`` distinct rows of a split drawn at random (global RNG), as a training batch
+        (dynamically binarized where the split is): the fresh batches of aggressive guide updates."""
+        size = self.size(name)
+        index = torch.randperm(size, device=self.device)[: min(batch_size, size)]
+        batch = self.take(name, index)
+        if name == "train" and self.binarize == "dynamic":
+            batch["x"] = torch.bernoulli(batch["x"])
+        return batch
+
     def take(self, name: str, index: torch.Tensor) -> Batch:
         """The rows ``index`` (a 1-d integer tensor on :attr:`device`) of a split, on the device."""
         return {key: value.index_select(0, index) for key, value in self.split(name).items()}

@@ -35,6 +35,7 @@ from pyrovae.pair import check_pair
 from pyrovae.schedules import StepSchedules
 from pyrovae.traces import preserved_rng
 from pyrovae.train import distributed
+from pyrovae.train.strategies import STRATEGIES, AggressiveGuideUpdates
 from pyrovae.train.checkpoint import (
     BEST,
     LATEST,
@@ -89,6 +90,14 @@ class TrainConfig:
     log_every: int = 50
     # Evaluate on at most this many validation examples per epoch (0: all).
     valid_examples: int = 0
+    # "plain", or "aggressive": guide-only steps before each model step until the guide's loss stops
+    # falling, until validation I(x; z) stops rising (He et al. 2019; see pyrovae.train.strategies).
+    strategy: str = "plain"
+    # Aggressive mode: compare the mean guide loss every this many inner steps, take at most
+    # aggressive_max_steps inner steps per model step, and estimate I(x; z) on this many validation rows.
+    aggressive_check_every: int = 15
+    aggressive_max_steps: int = 100
+    aggressive_mi_examples: int = 1000
 
     def __post_init__(self):
         # key -> (allowed?, what is allowed)
@@ -107,6 +116,10 @@ class TrainConfig:
             "max_nonfinite_retries": (self.max_nonfinite_retries >= 0, ">= 0"),
             "log_every": (self.log_every >= 1, ">= 1"),
             "valid_examples": (self.valid_examples >= 0, ">= 0 (0: all)"),
+            "strategy": (self.strategy in STRATEGIES, f"one of {', '.join(STRATEGIES)}"),
+            "aggressive_check_every": (self.aggressive_check_every >= 1, ">= 1"),
+            "aggressive_max_steps": (self.aggressive_max_steps >= 1, ">= 1"),
+            "aggressive_mi_examples": (self.aggressive_mi_examples >= 2, ">= 2"),
         }
         for key, (ok, allowed) in checks.items():
             if not ok:
@@ -125,6 +138,11 @@ class TrainState:
     nonfinite_retries: int = 0
     # Early stopping ended the run: a resume trains no further (it is part of the checkpointed state).
     stopped_early: bool = False
+    # Aggressive guide updates: whether the mode is on, the last epoch's validation I(x; z), and the
+    # epoch after which the mode ended (-1: not ended).
+    aggressive: bool = False
+    aggressive_mutual_information: float = -math.inf
+    aggressive_ended_epoch: int = -1
     history: list[dict] = field(default_factory=list)
 
 
@@ -327,6 +345,12 @@ def fit(
             metrics_path.parent.mkdir(parents=True, exist_ok=True)
             metrics_path.write_text("")
         _seed_other_ranks(context)
+        state.aggressive = config.strategy == "aggressive"
+    strategy = None
+    if config.strategy == "aggressive":
+        if context.active:
+            raise ConfigError("train.strategy = 'aggressive' runs in one process; its guide-only steps are not shared out across ranks")
+        strategy = AggressiveGuideUpdates(config.aggressive_check_every, config.aggressive_max_steps, config.aggressive_mi_examples)
     # Every rank starts from rank 0's parameters, as DDP does.
     distributed.broadcast_module_state(context, model, guide)
 
@@ -384,7 +408,20 @@ def fit(
             started = time.perf_counter()
             try:
                 train_metrics = _run_epoch(
-                    model, guide, objective, data, config, optimizer, parameters, schedules, state, bar, context, averager, autocast
+                    model,
+                    guide,
+                    objective,
+                    data,
+                    config,
+                    optimizer,
+                    parameters,
+                    schedules,
+                    state,
+                    bar,
+                    context,
+                    averager,
+                    autocast,
+                    strategy if state.aggressive else None,
                 )
             except _NonFinite as failure:
                 state.nonfinite_retries += 1
@@ -434,6 +471,8 @@ def fit(
                 **{f"train/{k}": v for k, v in train_metrics.items()},
                 **{f"valid/{k}": v for k, v in valid_metrics.items()},
             }
+            if strategy is not None:
+                record.update(_aggressive_epoch_end(strategy, model, guide, data, config, schedules, state, say))
             state.history.append(record)
             score = valid_metrics[selection_metric]
             # The first epoch always writes best.pt, so evaluation finds one even if validation went non-finite.
@@ -470,6 +509,28 @@ def fit(
         bar.close()
         _set_validation(validation_was_on)
     return FitResult(state=state, stopped_early=state.stopped_early, device=device)
+
+
+def _aggressive_epoch_end(strategy, model, guide, data, config, schedules, state, say) -> dict:
+    """Aggressive guide updates, after an epoch: estimate validation I(x; z) while the mode is on,
+    and end the mode for good at the first epoch whose I(x; z) is not above the previous one's."""
+    record = {"aggressive": state.aggressive}
+    if not state.aggressive:
+        return record
+    with preserved_rng():
+        information = strategy.validation_mutual_information(
+            model, guide, data, schedules.input_values(state.step), config.batch_size, seed=state.epoch
+        )
+    record["valid/mutual_information"] = information
+    if not information > state.aggressive_mutual_information:
+        state.aggressive, state.aggressive_ended_epoch = False, state.epoch
+        record["aggressive_ended"] = True
+        say(
+            f"aggressive guide updates end after epoch {state.epoch}: validation I(x; z) = {information:.4g} did not "
+            f"rise above {state.aggressive_mutual_information:.4g}; model and guide now train together"
+        )
+    state.aggressive_mutual_information = information
+    return record
 
 
 def _check_key(model) -> tuple | None:
@@ -568,7 +629,7 @@ def _postfix(schedules: StepSchedules, step: int) -> dict[str, str]:
 
 
 def _run_epoch(
-    model, guide, objective, data, config, optimizer, parameters, schedules, state, bar, context, averager=None, autocast=None
+    model, guide, objective, data, config, optimizer, parameters, schedules, state, bar, context, averager=None, autocast=None, strategy=None
 ) -> dict[str, float]:
     model.train()
     guide.train()
@@ -595,6 +656,8 @@ def _run_epoch(
         beta, by_site = schedules.betas(state.step)  # python floats: no device work
         if has_inputs:
             batch = {**batch, **schedules.input_values(state.step)}
+        if strategy is not None:
+            inner_steps = _guide_steps(strategy, model, guide, objective, data, config, optimizer, schedules, state, batch, beta, by_site, autocast, clip)
         # Before the objective: an objective may compute gradients during its call
         # (e.g. one wrapping Pyro's loss_and_grads).
         optimizer.zero_grad(set_to_none=True)
@@ -606,6 +669,9 @@ def _run_epoch(
                 loss, metrics = objective(model, guide, batch)
         loss.backward()
         loss = loss.detach()
+        if strategy is not None:
+            strategy.model_only(optimizer)
+            metrics["guide_steps"] = torch.tensor(float(inner_steps), device=loss.device)
         if averager is not None:
             # The gradient of the per-datapoint loss over the global batch, on every rank.
             averager(shares[-1] * context.world_size)
@@ -632,6 +698,26 @@ def _run_epoch(
     table = table * torch.tensor(shares, dtype=torch.float64, device=table.device).unsqueeze(1)
     table = distributed.sum_tensor(context, table.to(context.device), "reducing training metrics").mean(0).cpu()
     return {key: float(value) for key, value in zip(keys, table)}
+
+
+def _guide_steps(strategy, model, guide, objective, data, config, optimizer, schedules, state, batch, beta, by_site, autocast, clip) -> int:
+    """Aggressive mode's guide-only steps before a model step: the first on the step's own batch,
+    the rest on fresh random training batches, all at the step's beta and scheduled inputs."""
+    inputs = schedules.input_values(state.step) if schedules.inputs else {}
+
+    def step_on(inner_batch) -> torch.Tensor:
+        with _scaling(beta, by_site), (autocast() if autocast is not None else contextlib.nullcontext()):
+            loss, _ = objective(model, guide, inner_batch)
+        loss.backward()
+        return loss.detach()
+
+    def draw_batch():
+        return {**data.random_batch("train", config.batch_size), **inputs}
+
+    try:
+        return strategy.guide_steps(step_on, batch, draw_batch, optimizer, clip)
+    except FloatingPointError:
+        raise _NonFinite(state.step, ["guide-only loss"]) from None
 
 
 def _raise_if_nonfinite(history: list[dict[str, torch.Tensor]], checked: int, first_step: int, context=None) -> int:

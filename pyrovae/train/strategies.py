@@ -1,0 +1,87 @@
+"""Training strategies: what the fit loop does around each model update.
+
+The loop has one optimizer with a ``"model"`` and a ``"guide"`` parameter group
+(:func:`pyrovae.train.loop.parameter_groups`). A strategy decides which groups a step updates,
+and may add guide-only steps; it never runs a loop of its own over the data.
+
+``plain``: every step updates model and guide together on one batch.
+
+``aggressive`` (He et al. 2019, "Lagging inference networks and posterior collapse"): while
+aggressive mode is on, each model update is preceded by guide-only updates
+
+    phi <- phi - lr * grad_phi L(theta, phi; batch_k),   k = 0, 1, 2, ...
+
+where batch_0 is the model step's own batch and batch_1, batch_2, ... are fresh random batches of
+the training split. Every ``m = aggressive_check_every`` inner steps the mean inner loss of those
+m steps is compared with that of the m before it; the inner loop ends when it no longer falls, or
+after ``aggressive_max_steps`` inner steps. Then the model step updates theta only, on batch_0:
+
+    theta <- theta - lr * grad_theta L(theta, phi; batch_0).
+
+At the end of every epoch in aggressive mode the loop estimates the mutual information
+I_q(x; z) on (up to ``aggressive_mi_examples``) validation examples
+(:func:`pyrovae.analysis.mutual_information`, He et al.'s estimator). Aggressive mode ends for good
+after the first epoch whose MI is not above the previous epoch's; from then on steps are plain
+(model and guide together). The mode, the MI and the switch are part of the checkpointed
+:class:`~pyrovae.train.loop.TrainState` and of each ``metrics.jsonl`` record, so a resume keeps them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+STRATEGIES = ("plain", "aggressive")
+
+
+def _group(optimizer: torch.optim.Optimizer, name: str) -> list[torch.nn.Parameter]:
+    return [p for group in optimizer.param_groups if group.get("name") == name for p in group["params"]]
+
+
+def drop_gradients(parameters: list[torch.nn.Parameter]) -> None:
+    """Leave these parameters out of the coming optimizer step: torch's optimizers skip a
+    parameter whose ``grad`` is None (its moments and step count stay as they were)."""
+    for parameter in parameters:
+        parameter.grad = None
+
+
+class AggressiveGuideUpdates:
+    """Guide-only steps before each model step while aggressive mode is on (see the module text)."""
+
+    def __init__(self, check_every: int, max_steps: int, mi_examples: int):
+        self.check_every, self.max_steps, self.mi_examples = check_every, max_steps, mi_examples
+
+    def guide_steps(self, step_on, batch, draw_batch, optimizer, clip: float) -> int:
+        """Guide-only steps, the first on ``batch``, then on ``draw_batch()`` batches, until the
+        mean loss of the last ``check_every`` steps stops falling. ``step_on(batch)`` returns the
+        per-datapoint loss after ``backward()``. Returns the number of inner steps taken; a
+        non-finite inner loss raises ``FloatingPointError`` naming the inner step."""
+        guide_parameters, model_parameters = _group(optimizer, "guide"), _group(optimizer, "model")
+        previous, window = math.inf, []
+        for inner in range(1, self.max_steps + 1):
+            optimizer.zero_grad(set_to_none=True)
+            loss = step_on(batch if inner == 1 else draw_batch())
+            drop_gradients(model_parameters)
+            torch.nn.utils.clip_grad_norm_(guide_parameters, clip)
+            optimizer.step()
+            window.append(loss)
+            if len(window) == self.check_every:
+                # One host read per check_every inner steps.
+                current = float(torch.stack(window).mean())
+                if not math.isfinite(current):
+                    raise FloatingPointError(f"guide-only loss is {current} at inner step {inner}")
+                if current >= previous:
+                    return inner
+                previous, window = current, []
+        return self.max_steps
+
+    def model_only(self, optimizer) -> None:
+        """After the model step's backward: keep the guide out of that update."""
+        drop_gradients(_group(optimizer, "guide"))
+
+    def validation_mutual_information(self, model, guide, data, inputs, batch_size: int, seed: int) -> float:
+        from pyrovae.analysis.latents import mutual_information  # imports ArviZ: only for this strategy
+
+        rows = min(self.mi_examples, data.size("valid"))
+        return mutual_information(model, guide, data.rows("valid", 0, rows), inputs=inputs, batch_size=batch_size, seed=seed)
