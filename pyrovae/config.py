@@ -50,6 +50,9 @@ class EvaluateConfig:
     batch_size: int = 100
     # Which parameters the test metrics use: the best on validation, or the last epoch's.
     checkpoint: str = "best"
+    # Also report what the latents hold on the test examples: I(x; z) (He et al.'s estimator) and
+    # active units (Cov_x E_q[z_d] > 0.01) in final.json, the signals of posterior collapse.
+    latent_metrics: bool = False
 
     def __post_init__(self):
         if self.checkpoint not in ("best", "latest"):
@@ -67,7 +70,7 @@ SCHEDULE_SECTIONS = ("schedules",)
 
 # Settings that do not change the model, the data's content or the optimization already done:
 # `evaluate`, `sample` and `--resume` accept them with --set (e.g. data moved to another folder).
-PORTABLE_SETTINGS = ("data.dir", "data.download", "train.device", "evaluate.")
+PORTABLE_SETTINGS = ("data.dir", "data.download", "data.vocabulary", "train.device", "evaluate.")
 # A resume may also raise the epochs, and change the step size and clipping (e.g. after the
 # non-finite guard stopped a run).
 RESUMABLE_SETTINGS = PORTABLE_SETTINGS + (

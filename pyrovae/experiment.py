@@ -6,6 +6,7 @@ Run folder::
     config.toml        the resolved config (every default written out)
     metrics.jsonl      one record per epoch (train and validation metrics)
     checkpoints/       latest.pt and best.pt, written atomically
+    vocabulary.json    text data only: the vocabulary the run was trained with
     final.json         test metrics: the objective's own (test_elbo, test_iwae, test_kl/<site> ...),
                        test_log_likelihood (+ particles), ...
     samples.png        prior samples, test images and their reconstructions (image data)
@@ -19,6 +20,7 @@ gives) plus the scheduled inputs at the loaded checkpoint's step.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from contextlib import contextmanager
@@ -61,6 +63,8 @@ from pyrovae.train import (
 
 CONFIG_FILE = "config.toml"
 FINAL_FILE = "final.json"
+# Text data: the token list, so evaluate and sample map ids to the same words.
+VOCABULARY_FILE = "vocabulary.json"
 # Held (an OS file lock, released even when the process is killed) while a run trains.
 LOCK_FILE = ".pyrovae.lock"
 # Written when pyrovae makes a folder a run folder: a folder without it (or a checkpoint) that
@@ -110,6 +114,24 @@ def _flatten(config: dict, prefix: str = "") -> dict:
 
 def _options(table: dict) -> dict:
     return {key: value for key, value in table.items() if key != "name"}
+
+
+def sequence_metrics(test: dict, mean_log_likelihood: float, mean_elbo: float | None) -> dict:
+    """For variable-length data (``lengths`` or ``mask`` in the batch): the number of test tokens and
+    the perplexity per token, exp(-sum_n log p(x_n) / sum_n T_n), from the importance-sampled
+    log-likelihood, and its upper bound from the ELBO. T_n counts every real position (the words and
+    the end-of-sentence token), as He et al. 2019 count them."""
+    if "lengths" in test:
+        tokens = int(test["lengths"].sum())
+    elif "mask" in test:
+        tokens = int(test["mask"].sum())
+    else:
+        return {}
+    examples = int(test["x"].shape[0])
+    result = {"test_tokens": tokens, "test_perplexity": math.exp(-mean_log_likelihood * examples / tokens)}
+    if mean_elbo is not None:
+        result["test_elbo_perplexity"] = math.exp(-mean_elbo * examples / tokens)
+    return result
 
 
 def _construct(section: str, table: dict, *context, registry=None) -> Any:
@@ -184,6 +206,9 @@ class Experiment:
             raise ConfigError(f"{run_dir} is not a run folder (no {CONFIG_FILE})")
         _check_overrides(apply_overrides({}, list(overrides)), PORTABLE_SETTINGS, command)
         raw = resolve_paths(apply_overrides(load_toml(run_dir / CONFIG_FILE), list(overrides)), Path.cwd())
+        if (run_dir / VOCABULARY_FILE).exists() and raw.get("data", {}).get("vocabulary") is None:
+            # The run's own vocabulary, so token ids mean what they meant in training.
+            raw.setdefault("data", {})["vocabulary"] = str((run_dir / VOCABULARY_FILE).resolve())
         return cls.from_config(raw)
 
     def load_parameters(self, run_dir: str | Path, which: str = "best") -> dict:
@@ -235,6 +260,7 @@ class Experiment:
 
         def prepare() -> None:
             self._check_run_folder(run_dir, resume)
+            self._keep_vocabulary(run_dir, resume)
             (run_dir / RUN_MARKER).touch()
             config_path.write_text(dump_toml(self.config))
 
@@ -270,6 +296,22 @@ class Experiment:
             (run_dir / FINAL_FILE).write_text(json.dumps(final, indent=2) + "\n")
             self.plots(run_dir, result.state.history)
         return final
+
+    def _keep_vocabulary(self, run_dir: Path, resume: bool) -> None:
+        """Data with a vocabulary (text) keep it in the run folder, for ``evaluate`` and ``sample`` to
+        rebuild the data with; a resume checks the data still give the same one."""
+        vocabulary = getattr(self.data, "vocabulary", None)
+        if vocabulary is None:
+            return
+        path = run_dir / VOCABULARY_FILE
+        if resume and path.exists():
+            if type(vocabulary).load(path) != vocabulary:
+                raise ConfigError(
+                    f"--resume: the vocabulary built from the data differs from the run's {path}; "
+                    f"train on the same data, or pass --set data.vocabulary={path}"
+                )
+            return
+        vocabulary.save(path)
 
     def _check_same_experiment(self, config_path: Path) -> None:
         if not config_path.exists():
@@ -315,6 +357,9 @@ class Experiment:
                 self.model, self.guide, test, particles=particles, inputs=inputs, batch_size=evaluate.batch_size, progress=progress
             )
         mean_log_likelihood, test_examples = distributed.mean_rows(context, log_likelihood, hi - lo)
+        sequence = sequence_metrics(self.data.rows("test", 0, rows), mean_log_likelihood, metrics.get("elbo"))
+        if evaluate.latent_metrics:
+            sequence.update(self.latent_metrics(rows, inputs))
         from pyrovae.analysis.classification import label_metrics
 
         # A part with classify(**batch) -> logits or cluster(**batch) -> probabilities: accuracy against
@@ -325,11 +370,30 @@ class Experiment:
             **{f"test_{key}": value for key, value in labels.items()},
             "test_log_likelihood": mean_log_likelihood,
             "test_nll": -mean_log_likelihood,
+            **sequence,
             "particles": particles,
             "test_examples": test_examples,
             "checkpoint": evaluate.checkpoint,
             "step": self.step,
             **{f"schedule/{name}": value for name, value in inputs.items()},
+        }
+
+    def latent_metrics(self, rows: int, inputs: dict) -> dict:
+        """I(x; z) and the active units of every latent site on the first ``rows`` test examples
+        (``test_mutual_information``, ``test_active_units`` in total and per site)."""
+        from pyrovae.analysis import active_units
+        from pyrovae.analysis.latents import mutual_information
+
+        test = self.data.rows("test", 0, rows)
+        if not self.model.latent_sites:
+            return {}
+        batch_size = self.evaluate_config.batch_size
+        information = mutual_information(self.model, self.guide, test, inputs=inputs, batch_size=batch_size, seed=self.config["seed"])
+        units = active_units(self.model, self.guide, test, inputs=inputs, batch_size=batch_size)
+        return {
+            "test_mutual_information": information,
+            "test_active_units": sum(unit.active for unit in units.values()),
+            **{f"test_active_units/{name}": unit.active for name, unit in units.items()},
         }
 
     def write_samples(self, path: str | Path | None = None, run_dir: str | Path | None = None, count: int = 16) -> Path:
