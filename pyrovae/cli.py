@@ -88,13 +88,17 @@ def _parser() -> argparse.ArgumentParser:
 
     sample_help = (
         "write prior samples and reconstructions of the first test rows, on whole test batches (labels, masks, "
-        "scheduled inputs at the checkpoint's step): a PNG grid for image data; otherwise JSON (samples.json) with "
+        "scheduled inputs at the checkpoint's step): a PNG grid for image data; for text data (a run with a "
+        "vocabulary) a text file (samples.txt) of sentences from the prior, greedy and sampled, reconstructions and "
+        "a homotopy between two test sentences; otherwise JSON (samples.json) with "
         "prior_samples, test_rows and reconstructions, as integer rows drawn from p(x|z) for discrete data such as "
         "tokens (cut to the rows' lengths) and as means of p(x|z) otherwise"
     )
     sample = commands.add_parser("sample", help=sample_help, description=sample_help)
     sample.add_argument("run_dir")
-    sample.add_argument("--out", help="output path (default: RUN_DIR/samples.png for images, RUN_DIR/samples.json otherwise)")
+    sample.add_argument(
+        "--out", help="output path (default: RUN_DIR/samples.png for images, RUN_DIR/samples.txt for text, RUN_DIR/samples.json otherwise)"
+    )
     sample.add_argument("--checkpoint", choices=["best", "latest"], default="best")
     sample.add_argument("--count", type=_count(1), default=16, help="how many prior samples and test rows (default 16)")
     sample.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help=portable_help)

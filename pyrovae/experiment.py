@@ -11,6 +11,7 @@ Run folder::
                        test_log_likelihood (+ particles), ...
     samples.png        prior samples, test images and their reconstructions (image data)
     samples.json       the same rows as numbers, for data that are not images
+    samples.txt        text data: sentences from the prior, reconstructions, a homotopy
     curves.png         ELBO and KL per site by epoch
 
 Evaluation runs the pair on whole test batches (``x`` and every other key the loader
@@ -400,10 +401,15 @@ class Experiment:
         """Prior samples and reconstructions of the first ``count`` test rows: a PNG grid for
         image data (``samples.png``), else JSON (``samples.json``; integer rows for discrete data)."""
         images = self.data.spec.image_shape is not None
+        vocabulary = getattr(self.data, "vocabulary", None)
         if path is None:
-            path = Path(run_dir or ".") / ("samples.png" if images else "samples.json")
+            path = Path(run_dir or ".") / ("samples.png" if images else "samples.txt" if vocabulary is not None else "samples.json")
         path = Path(path)
         test = self.data.rows("test", 0, min(count, self.data.size("test")))  # on the device, also for data on disk
+        if vocabulary is not None and path.suffix.lower() != ".json":
+            from pyrovae.analysis.decoding import write_text_samples
+
+            return write_text_samples(self.model, self.guide, test, vocabulary, path, count=count, inputs=self.inputs())
         if images and path.suffix.lower() != ".json":
             return sample_grid(self.model, self.guide, test, path, self.data.spec.image_shape, count=count, inputs=self.inputs())
         if path.suffix.lower() == ".png":

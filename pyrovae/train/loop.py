@@ -661,13 +661,14 @@ def _run_epoch(
         # Before the objective: an objective may compute gradients during its call
         # (e.g. one wrapping Pyro's loss_and_grads).
         optimizer.zero_grad(set_to_none=True)
-        if autocast is None:
-            with _scaling(beta, by_site):
-                loss, metrics = objective(model, guide, batch)
-        else:
-            with _scaling(beta, by_site), autocast():
-                loss, metrics = objective(model, guide, batch)
-        loss.backward()
+        with strategy.model_step(optimizer) if strategy is not None else contextlib.nullcontext():
+            if autocast is None:
+                with _scaling(beta, by_site):
+                    loss, metrics = objective(model, guide, batch)
+            else:
+                with _scaling(beta, by_site), autocast():
+                    loss, metrics = objective(model, guide, batch)
+            loss.backward()
         loss = loss.detach()
         if strategy is not None:
             strategy.model_only(optimizer)

@@ -28,6 +28,7 @@ after the first epoch whose MI is not above the previous epoch's; from then on s
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -46,6 +47,21 @@ def drop_gradients(parameters: list[torch.nn.Parameter]) -> None:
         parameter.grad = None
 
 
+@contextlib.contextmanager
+def frozen(parameters: list[torch.nn.Parameter]):
+    """Parameters that a step leaves alone, with ``requires_grad`` off while it runs, so the
+    backward pass skips their weight gradients (and, for the guide during a model-only step, the
+    whole encoder backward); gradients still flow through their outputs to the other part."""
+    flags = [p.requires_grad for p in parameters]
+    for parameter in parameters:
+        parameter.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter, flag in zip(parameters, flags):
+            parameter.requires_grad_(flag)
+
+
 class AggressiveGuideUpdates:
     """Guide-only steps before each model step while aggressive mode is on (see the module text)."""
 
@@ -61,7 +77,8 @@ class AggressiveGuideUpdates:
         previous, window = math.inf, []
         for inner in range(1, self.max_steps + 1):
             optimizer.zero_grad(set_to_none=True)
-            loss = step_on(batch if inner == 1 else draw_batch())
+            with frozen(model_parameters):
+                loss = step_on(batch if inner == 1 else draw_batch())
             drop_gradients(model_parameters)
             torch.nn.utils.clip_grad_norm_(guide_parameters, clip)
             optimizer.step()
@@ -75,6 +92,10 @@ class AggressiveGuideUpdates:
                     return inner
                 previous, window = current, []
         return self.max_steps
+
+    def model_step(self, optimizer):
+        """The context of the model step's forward and backward: the guide frozen (see :func:`frozen`)."""
+        return frozen(_group(optimizer, "guide"))
 
     def model_only(self, optimizer) -> None:
         """After the model step's backward: keep the guide out of that update."""
