@@ -65,6 +65,12 @@ wrong type is a ``ConfigError``). It returns :class:`DataSplits` with
 
 Semi-supervised labels: the built-in image loaders take ``labels_per_class`` (see
 :mod:`pyrovae.data.labels`).
+
+Text: the ``text`` loader (one sentence per line) and ``reviews`` (rated clothing reviews, ``y`` =
+rating - 1) tokenize with :func:`tokenize`, encode with a :class:`Vocabulary` built from the
+training split (ids ``<pad>`` = 0, ``<unk>`` = 1, ``<bos>`` = 2, ``<eos>`` = 3; a row is its word
+ids then ``<eos>``) and return :class:`TextSplits`, whose shuffled training batches hold sentences
+of similar length and whose every batch is trimmed to its longest row (see :mod:`pyrovae.data.text`).
 """
 
 from pyrovae.data.images import digits, download_idx, fashion_mnist, load_idx_images, mnist, read_idx
@@ -72,6 +78,7 @@ from pyrovae.data.labels import keep_labels_per_class
 from pyrovae.data.memmap import MemmapSplits, open_memmap, write_memmap
 from pyrovae.data.sequences import pad_sequences, sequence_splits
 from pyrovae.data.splits import Batch, DataSplits, check_loader_result, check_splits, make_splits
+from pyrovae.data.text import BOS, EOS, PAD, UNK, TextSplits, Vocabulary, bucketed_batches, reviews, text, tokenize
 
 __all__ = [
     "Batch",
@@ -91,4 +98,14 @@ __all__ = [
     "pad_sequences",
     "read_idx",
     "sequence_splits",
+    "BOS",
+    "EOS",
+    "PAD",
+    "UNK",
+    "TextSplits",
+    "Vocabulary",
+    "bucketed_batches",
+    "reviews",
+    "text",
+    "tokenize",
 ]
