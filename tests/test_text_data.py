@@ -19,7 +19,7 @@ from pyrovae.data.text import (
     Vocabulary,
     bucketed_batches,
     reviews,
-    text,
+    text_corpus,
     tokenize,
 )
 from pyrovae.errors import ConfigError, DataError
@@ -159,7 +159,7 @@ def test_text_loader_from_a_folder(tmp_path):
     write_lines(tmp_path / "train.txt", ["The cat sat.", "", "The dog ran!", "A cat ran."])
     write_lines(tmp_path / "valid.txt", ["The cat ran."])
     write_lines(tmp_path / "test.txt", ["A zebra sat."])
-    splits = text(dir=tmp_path, max_length=8)
+    splits = text_corpus(dir=tmp_path, max_length=8)
     assert isinstance(splits, TextSplits)
     assert check_loader_result(splits, "text") is splits
     assert [splits.size(name) for name in ("train", "valid", "test")] == [3, 1, 1]  # the blank line is skipped
@@ -177,7 +177,7 @@ def test_text_loader_carves_validation_without_a_valid_file(tmp_path):
     sentences = [f"sentence number {word}" for word in WORDS]
     write_lines(tmp_path / "train.txt", sentences)
     write_lines(tmp_path / "test.txt", ["sentence number one"])
-    splits = text(dir=tmp_path, validation=3, seed=5)
+    splits = text_corpus(dir=tmp_path, validation=3, seed=5)
     train, valid = rows_as_text(splits, "train"), rows_as_text(splits, "valid")
     assert (len(train), len(valid)) == (9, 3)
     assert set(train) < set(sentences) and train == sorted(train, key=sentences.index)  # file order kept
@@ -185,40 +185,40 @@ def test_text_loader_carves_validation_without_a_valid_file(tmp_path):
     assert valid == ["sentence number <unk>"] * 3
     held_out = [word for word in WORDS if f"sentence number {word}" not in train]
     assert len(held_out) == 3 and not any(word in splits.vocabulary for word in held_out)
-    assert rows_as_text(text(dir=tmp_path, validation=3, seed=5), "train") == train
-    assert rows_as_text(text(dir=tmp_path, validation=3, seed=6), "train") != train
-    assert text(dir=tmp_path, validation=0.25).size("valid") == 3
+    assert rows_as_text(text_corpus(dir=tmp_path, validation=3, seed=5), "train") == train
+    assert rows_as_text(text_corpus(dir=tmp_path, validation=3, seed=6), "train") != train
+    assert text_corpus(dir=tmp_path, validation=0.25).size("valid") == 3
 
 
 def test_text_loader_from_separate_files_and_limit(tmp_path):
     train = write_lines(tmp_path / "a.txt", ["one two", "three four", "five six", "seven eight"])
     valid = write_lines(tmp_path / "b.txt", ["one six"])
     test = write_lines(tmp_path / "c.txt", ["two three"])
-    splits = text(train=train, valid=valid, test=test)
+    splits = text_corpus(train=train, valid=valid, test=test)
     assert rows_as_text(splits, "train") == ["one two", "three four", "five six", "seven eight"]
-    limited = text(train=train, valid=valid, test=test, limit=2)
+    limited = text_corpus(train=train, valid=valid, test=test, limit=2)
     assert rows_as_text(limited, "train") == ["one two", "three four"]
     assert rows_as_text(limited, "valid") == ["one <unk>"]  # "six" is past the limit
     assert len(limited.vocabulary) == len(SPECIAL_TOKENS) + 4
-    assert text(train=train, test=test, validation=1).size("valid") == 1
+    assert text_corpus(train=train, test=test, validation=1).size("valid") == 1
 
 
 def test_text_loader_from_one_file(tmp_path):
     sentences = [f"line {word}" for word in WORDS * 5]  # 60 lines
     path = write_lines(tmp_path / "all.txt", sentences)
-    splits = text(file=path, validation=0.1, test_fraction=0.2, seed=3)
+    splits = text_corpus(file=path, validation=0.1, test_fraction=0.2, seed=3)
     assert [splits.size(name) for name in ("train", "valid", "test")] == [42, 6, 12]
     every = rows_as_text(splits, "train") + rows_as_text(splits, "valid") + rows_as_text(splits, "test")
     assert sorted(every) == sorted(sentences)
-    assert rows_as_text(text(file=path, validation=6, test_fraction=12, seed=3), "test") == rows_as_text(splits, "test")
+    assert rows_as_text(text_corpus(file=path, validation=6, test_fraction=12, seed=3), "test") == rows_as_text(splits, "test")
     with pytest.raises(DataError, match="cannot give 30 test and 30 validation"):
-        text(file=path, validation=0.5, test_fraction=0.5)
+        text_corpus(file=path, validation=0.5, test_fraction=0.5)
 
 
 def test_text_loader_truncation_keeps_eos(tmp_path):
     write_lines(tmp_path / "train.txt", ["a b c d e f g h", "a b"])
     write_lines(tmp_path / "test.txt", ["h g f e d c b a"])
-    splits = text(dir=tmp_path, max_length=5, validation=1)
+    splits = text_corpus(dir=tmp_path, max_length=5, validation=1)
     vocabulary = splits.vocabulary
     x, lengths = splits.test["x"], splits.test["lengths"]
     assert x.tolist() == [vocabulary.encode(["h", "g", "f", "e"]) + [EOS]] and lengths.tolist() == [5]
@@ -237,19 +237,19 @@ def test_text_loader_truncation_keeps_eos(tmp_path):
 )
 def test_text_loader_refuses_bad_options(tmp_path, options, error, message):
     with pytest.raises(error, match=message):
-        text(**options)
+        text_corpus(**options)
 
 
 def test_text_loader_names_an_empty_or_missing_file(tmp_path):
     write_lines(tmp_path / "train.txt", ["", "   ", ""])
     write_lines(tmp_path / "test.txt", ["a b"])
     with pytest.raises(DataError, match=r"train\.txt: no sentences"):
-        text(dir=tmp_path)
+        text_corpus(dir=tmp_path)
     with pytest.raises(DataError, match=r"nothere\.txt: no such file"):
-        text(train=tmp_path / "nothere.txt", test=tmp_path / "test.txt")
+        text_corpus(train=tmp_path / "nothere.txt", test=tmp_path / "test.txt")
     (tmp_path / "bad.txt").write_bytes(b"caf\xe9\n")
     with pytest.raises(DataError, match=r"bad\.txt: not UTF-8"):
-        text(train=tmp_path / "bad.txt", test=tmp_path / "test.txt")
+        text_corpus(train=tmp_path / "bad.txt", test=tmp_path / "test.txt")
 
 
 def test_a_saved_vocabulary_rebuilds_the_same_data(tmp_path):
@@ -257,20 +257,23 @@ def test_a_saved_vocabulary_rebuilds_the_same_data(tmp_path):
     even from training files that would build a different vocabulary."""
     write_lines(tmp_path / "train.txt", ["red fish blue fish", "one fish two fish", "old fish new fish"])
     write_lines(tmp_path / "test.txt", ["red fish old fish", "green fish"])
-    first = text(dir=tmp_path, validation=1)
+    first = text_corpus(dir=tmp_path, validation=1)
     (tmp_path / "run").mkdir()
     saved = first.vocabulary.save(tmp_path / "run" / "vocabulary.json")
-    rebuilt = text(dir=tmp_path, validation=1, limit=1, vocabulary=saved)
+    rebuilt = text_corpus(dir=tmp_path, validation=1, limit=1, vocabulary=saved)
     assert rebuilt.vocabulary == first.vocabulary
     assert torch.equal(rebuilt.test["x"], first.test["x"])
     assert rebuilt.spec == first.spec
     with pytest.raises(DataError, match="no vocabulary file there"):
-        text(dir=tmp_path, validation=1, vocabulary=tmp_path / "run" / "missing.json")
+        text_corpus(dir=tmp_path, validation=1, vocabulary=tmp_path / "run" / "missing.json")
 
 
 def test_text_and_reviews_are_registered_with_path_options(tmp_path):
-    assert DATASETS.resolve("text", "data.name") is text
+    assert DATASETS.resolve("text", "data.name") is text_corpus
     assert DATASETS.resolve("reviews", "data.name") is reviews
+    import pyrovae.data
+
+    assert pyrovae.data.text.PAD == PAD  # the loader's python name does not hide the module
     raw = {"data": {"name": "text", "dir": "corpus", "vocabulary": "run/vocabulary.json", "max_length": 30}}
     resolved = resolve_paths(raw, tmp_path)["data"]
     assert resolved["dir"] == str(tmp_path / "corpus") and resolved["vocabulary"] == str(tmp_path / "run" / "vocabulary.json")
@@ -344,7 +347,7 @@ def corpus(tmp_path_factory) -> TextSplits:
     write_lines(folder / "train.txt", sentences[:1200])
     write_lines(folder / "valid.txt", sentences[1200:1250])
     write_lines(folder / "test.txt", sentences[1250:])
-    return text(dir=folder, max_length=40)
+    return text_corpus(dir=folder, max_length=40)
 
 
 def check_rows_agree(batch, vocabulary_size):

@@ -78,7 +78,7 @@ from pyrovae.data.labels import keep_labels_per_class
 from pyrovae.data.memmap import MemmapSplits, open_memmap, write_memmap
 from pyrovae.data.sequences import pad_sequences, sequence_splits
 from pyrovae.data.splits import Batch, DataSplits, check_loader_result, check_splits, make_splits
-from pyrovae.data.text import BOS, EOS, PAD, UNK, TextSplits, Vocabulary, bucketed_batches, reviews, text, tokenize
+from pyrovae.data.text import BOS, EOS, PAD, UNK, TextSplits, Vocabulary, bucketed_batches, reviews, text_corpus, tokenize
 
 __all__ = [
     "Batch",
@@ -106,6 +106,6 @@ __all__ = [
     "Vocabulary",
     "bucketed_batches",
     "reviews",
-    "text",
+    "text_corpus",
     "tokenize",
 ]

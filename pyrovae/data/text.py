@@ -433,7 +433,7 @@ class _Corpus:
 
 @dataclass
 class _TextOptions:
-    """The options every text loader shares (see :func:`text`)."""
+    """The options every text loader shares (see :func:`text_corpus`)."""
 
     max_length: int
     min_count: int
@@ -487,7 +487,7 @@ def _build_splits(
 
 
 @DATASETS.register("text")
-def text(
+def text_corpus(
     dir: Path | None = None,
     train: Path | None = None,
     valid: Path | None = None,
@@ -513,7 +513,10 @@ def text(
     held out with ``seed``. Every split keeps its file order. ``limit > 0`` keeps only the first
     ``limit`` training sentences (quick runs). The vocabulary is built from the training split
     (``min_count``, ``max_size`` counting the 4 special tokens; 0 = no cap), or read from a saved
-    ``vocabulary`` file. Rows are at most ``max_length`` ids, the last one ``<eos>``."""
+    ``vocabulary`` file. Rows are at most ``max_length`` ids, the last one ``<eos>``.
+
+    Registered as ``name = "text"`` (the python name differs so that it does not hide the module
+    :mod:`pyrovae.data.text`)."""
     options = _TextOptions(max_length, min_count, max_size, vocabulary, limit, validation, seed)
     options.check()
     forms = {"dir": dir is not None, "train/valid/test": any(p is not None for p in (train, valid, test)), "file": file is not None}
@@ -570,7 +573,7 @@ def reviews(
     The files must be local: the corpus has no public download address that serves these splits
     (the project's copy is in ``shared/data/reviews``: 18,641 / 2,000 / 2,000 reviews). Without
     ``valid.tsv`` a ``validation`` share of the training reviews is held out with ``seed``. The
-    other options are those of :func:`text`."""
+    other options are those of :func:`text_corpus`."""
     options = _TextOptions(max_length, min_count, max_size, vocabulary, limit, validation, seed)
     options.check()
     if dir is None:
