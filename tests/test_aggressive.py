@@ -149,3 +149,34 @@ def test_bad_aggressive_settings_are_refused():
         TrainConfig(strategy="aggressive", aggressive_check_every=0)
     with pytest.raises(ConfigError):
         Experiment.from_config(tiny_experiment(train={"strategy": "sometimes"}))
+
+
+# --- paying only for what is asked (the loop's fixed per-step and per-epoch costs) -----------------
+
+
+def test_without_clipping_no_gradient_norm_is_computed_or_logged(tmp_path, monkeypatch):
+    calls = []
+    original = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: calls.append(1) or original(*a, **k))
+    experiment = Experiment.from_config(tiny_experiment(train={"epochs": 1, "clip_norm": 0}, evaluate={"particles": 2}))
+    experiment.train(tmp_path / "run", progress=False)
+    assert not calls and "train/grad_norm" not in _records(tmp_path / "run")[0]
+    clipped = Experiment.from_config(tiny_experiment(train={"epochs": 1}, evaluate={"particles": 2}))
+    clipped.train(tmp_path / "clipped", progress=False)
+    assert calls and "train/grad_norm" in _records(tmp_path / "clipped")[0]
+
+
+def test_validation_can_be_turned_off(tmp_path, monkeypatch):
+    import pyrovae.train.loop as loop
+
+    evaluated = []
+    original = loop.evaluate_objective
+    monkeypatch.setattr(loop, "evaluate_objective", lambda *a, **k: evaluated.append(a[4]) or original(*a, **k))
+    experiment = Experiment.from_config(tiny_experiment(train={"epochs": 2, "validate": False}, evaluate={"particles": 2}))
+    experiment.train(tmp_path / "run", progress=False)
+    records = _records(tmp_path / "run")
+    assert "valid" not in evaluated and not any(key.startswith("valid/") for record in records for key in record)
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / LATEST)["state"]
+    assert state["best_epoch"] == 2  # best.pt is the latest epoch's
+    with pytest.raises(ValueError, match="patience"):
+        TrainConfig(validate=False, patience=3)

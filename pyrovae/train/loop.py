@@ -90,6 +90,9 @@ class TrainConfig:
     log_every: int = 50
     # Evaluate on at most this many validation examples per epoch (0: all).
     valid_examples: int = 0
+    # Evaluate on the validation split after every epoch. Off: no validation pass, best.pt is the
+    # latest epoch's parameters, and early stopping (patience) is unavailable.
+    validate: bool = True
     # "plain", or "aggressive": guide-only steps before each model step until the guide's loss stops
     # falling, until validation I(x; z) stops rising (He et al. 2019; see pyrovae.train.strategies).
     strategy: str = "plain"
@@ -124,6 +127,8 @@ class TrainConfig:
         for key, (ok, allowed) in checks.items():
             if not ok:
                 raise ValueError(f"train.{key} = {getattr(self, key)!r} is not allowed: it must be {allowed}")
+        if not self.validate and self.patience:
+            raise ValueError(f"train.patience = {self.patience} needs validation: early stopping reads the validation score; set train.validate = true")
 
 
 @dataclass
@@ -404,7 +409,7 @@ def fit(
             # run sets the same one.
             for group, base in zip(optimizer.param_groups, base_lrs):
                 group["lr"] = base * config.lr_decay**state.epoch * 0.5**state.nonfinite_retries
-            snapshot = copy.deepcopy(checkpoint_state())
+            snapshot = _recovery_snapshot(model, guide, optimizer, state)
             started = time.perf_counter()
             try:
                 train_metrics = _run_epoch(
@@ -439,7 +444,7 @@ def fit(
                 model.load_state_dict(snapshot["model"])
                 guide.load_state_dict(snapshot["guide"])
                 optimizer.load_state_dict(snapshot["optimizer"])
-                state = TrainState(**snapshot["state"])
+                state = TrainState(**snapshot["state"], history=state.history)
                 state.nonfinite_retries = retries
                 bar.n = steps_per_epoch * state.epoch
                 say(
@@ -450,17 +455,19 @@ def fit(
                 continue
             _set_validation(False)
             distributed.average_buffers(context, model, guide)
-            valid_metrics = evaluate_objective(
-                model,
-                guide,
-                objective,
-                data,
-                "valid",
-                config.batch_size,
-                limit=config.valid_examples or None,
-                inputs=schedules.input_values(state.step),
-                context=context,
-            )
+            valid_metrics = {}
+            if config.validate:
+                valid_metrics = evaluate_objective(
+                    model,
+                    guide,
+                    objective,
+                    data,
+                    "valid",
+                    config.batch_size,
+                    limit=config.valid_examples or None,
+                    inputs=schedules.input_values(state.step),
+                    context=context,
+                )
             state.epoch += 1
             record = {
                 "epoch": state.epoch,
@@ -474,16 +481,17 @@ def fit(
             if strategy is not None:
                 record.update(_aggressive_epoch_end(strategy, model, guide, data, config, schedules, state, say))
             state.history.append(record)
-            score = valid_metrics[selection_metric]
+            # Without validation every epoch counts as the best so far: best.pt is the latest.
+            score = valid_metrics[selection_metric] if config.validate else None
             # The first epoch always writes best.pt, so evaluation finds one even if validation went non-finite.
-            improved = score > state.best_valid_score or state.best_epoch < 0
-            if not math.isfinite(score):
+            improved = score is None or score > state.best_valid_score or state.best_epoch < 0
+            if score is not None and not math.isfinite(score):
                 say(
                     f"warning: validation {selection_metric} is {score} at epoch {state.epoch} although training stayed "
                     "finite; check the validation data and the model's scales"
                 )
             if improved:
-                state.best_valid_score, state.best_epoch = score, state.epoch
+                state.best_valid_score, state.best_epoch = (state.best_valid_score if score is None else score), state.epoch
                 state.epochs_without_improvement = 0
             else:
                 state.epochs_without_improvement += 1
@@ -501,7 +509,8 @@ def fit(
                     save_checkpoint(saved, checkpoint_dir / BEST)
                 save_checkpoint(saved, checkpoint_dir / LATEST)
                 append_jsonl(record, metrics_path)
-            bar.set_postfix({"epoch": state.epoch, f"valid_{selection_metric}": f"{score:.2f}"})
+            if config.validate:
+                bar.set_postfix({"epoch": state.epoch, f"valid_{selection_metric}": f"{score:.2f}"})
             if state.stopped_early:
                 say(f"early stopping at epoch {state.epoch}: no better validation {selection_metric} for {config.patience} epochs")
                 break
@@ -531,6 +540,19 @@ def _aggressive_epoch_end(strategy, model, guide, data, config, schedules, state
         )
     state.aggressive_mutual_information = information
     return record
+
+
+def _recovery_snapshot(model, guide, optimizer, state: TrainState) -> dict:
+    """What a non-finite-loss recovery restores at the epoch's start: parameters and buffers,
+    the optimizer's state and the counters. Not the history (a failed epoch appends nothing to it),
+    the random state or the fingerprint, which only checkpoints need."""
+    counters = {key: value for key, value in asdict(state).items() if key != "history"}
+    return {
+        "model": {key: value.clone() for key, value in model.state_dict().items()},
+        "guide": {key: value.clone() for key, value in guide.state_dict().items()},
+        "optimizer": copy.deepcopy(optimizer.state_dict()),
+        "state": counters,
+    }
 
 
 def _check_key(model) -> tuple | None:
@@ -676,13 +698,15 @@ def _run_epoch(
         if averager is not None:
             # The gradient of the per-datapoint loss over the global batch, on every rank.
             averager(shares[-1] * context.world_size)
-        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, clip)
+        # The gradient norm is computed only when clipping asks for it (it is a pass over every gradient).
+        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, clip) if clip < math.inf else None
         optimizer.step()
         if state.step == 0:
             _set_validation(False)
         state.step += 1
         metrics["loss"] = loss
-        metrics["grad_norm"] = grad_norm.detach()
+        if grad_norm is not None:
+            metrics["grad_norm"] = grad_norm.detach()
         history.append(metrics)
         bar.update(1)
         if state.step % config.log_every == 0:
@@ -725,14 +749,18 @@ def _raise_if_nonfinite(history: list[dict[str, torch.Tensor]], checked: int, fi
     """One host read for the steps not yet checked; if one went non-finite, name the first such
     step and its terms. Returns how many steps are now known finite."""
     # inf + finite, nan + anything: non-finite.
-    if not history[checked:] or bool(torch.isfinite(torch.stack([m["loss"] + m["grad_norm"] for m in history[checked:]])).all()):
+    # Without clipping there is no gradient norm: a non-finite gradient shows in the next step's loss.
+    def watched(metrics):
+        return metrics["loss"] + metrics["grad_norm"] if "grad_norm" in metrics else metrics["loss"]
+
+    if not history[checked:] or bool(torch.isfinite(torch.stack([watched(m) for m in history[checked:]])).all()):
         return len(history)
     for index, metrics in enumerate(history[checked:], start=checked):
-        if not torch.isfinite(metrics["loss"] + metrics["grad_norm"]):
+        if not torch.isfinite(watched(metrics)):
             terms = [name for name, value in metrics.items() if name not in ("loss", "grad_norm") and not torch.isfinite(value)]
             if not torch.isfinite(metrics["loss"]):
                 terms.append("loss")
-            if not torch.isfinite(metrics["grad_norm"]):
+            if "grad_norm" in metrics and not torch.isfinite(metrics["grad_norm"]):
                 terms.append("gradient")
             raise _NonFinite(first_step + index, terms)
 

@@ -80,7 +80,8 @@ class AggressiveGuideUpdates:
             with frozen(model_parameters):
                 loss = step_on(batch if inner == 1 else draw_batch())
             drop_gradients(model_parameters)
-            torch.nn.utils.clip_grad_norm_(guide_parameters, clip)
+            if clip < math.inf:
+                torch.nn.utils.clip_grad_norm_(guide_parameters, clip)
             optimizer.step()
             window.append(loss)
             if len(window) == self.check_every:
