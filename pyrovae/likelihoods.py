@@ -4,6 +4,9 @@ A head says how many decoder outputs it needs for data of a given shape
 (``out_features``), turns those outputs into a distribution whose event shape is
 the data's shape (``forward``), and checks that data lies in its support
 (``check_data``) so a mismatch is an error, never a silent NaN.
+
+Heads: ``bernoulli``, ``gaussian``, ``categorical`` and ``multinomial`` (counts over a vector of
+categories, with N = the row's total; :class:`MultinomialLogits`).
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ import math
 
 import pyro.distributions as dist
 import torch
+from pyro.distributions import TorchDistribution
 from torch import nn
+from torch.distributions import constraints
 from torch.nn import functional as F
 
 from pyrovae.distributions import BernoulliLogits, DiagonalNormal
@@ -130,6 +135,121 @@ class CategoricalLikelihood(Likelihood):
             raise DataError(
                 f"Categorical likelihood needs integer data in [0, {self.num_categories - 1}], "
                 f"but x has values in [{float(x.min()):g}, {float(x.max()):g}] ({_first_offender(bad, x)})"
+            )
+
+
+class MultinomialLogits(TorchDistribution):
+    """Multinomial counts over the last dim, one row per batch element (Liang et al. 2018):
+
+        pi = softmax(logits),   N = sum_i x_i,
+        log p(x) = log N! - sum_i log x_i! + sum_i x_i log pi_i.
+
+    N is read from the value scored, so one distribution scores rows of any total. With
+    ``include_constant = False`` the log-density is sum_i x_i log pi_i only, as in the paper's
+    loss: the dropped term does not depend on the logits (same gradients), but the number is then
+    not a log-likelihood. ``total_count`` (per row, broadcast to the batch shape) is needed only
+    to draw counts and for the mean N pi.
+    """
+
+    arg_constraints = {"logits": constraints.independent(constraints.real, 1)}
+    support = constraints.independent(constraints.nonnegative_integer, 1)
+
+    def __init__(self, logits: torch.Tensor, total_count=None, include_constant: bool = True, validate_args=None):
+        if logits.dim() < 1:
+            raise ValueError("MultinomialLogits needs logits with the categories on the last dim")
+        # Normalised once; clamped so that 0 * log pi stays 0 where a logit is -inf.
+        self.logits = (logits - logits.logsumexp(-1, keepdim=True)).clamp(min=torch.finfo(logits.dtype).min)
+        batch_shape, event_shape = logits.shape[:-1], logits.shape[-1:]
+        self.total_count = None if total_count is None else torch.as_tensor(total_count, dtype=logits.dtype, device=logits.device).expand(batch_shape)
+        self.include_constant = include_constant
+        super().__init__(batch_shape, event_shape, validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        batch_shape = torch.Size(batch_shape)
+        if batch_shape == self.batch_shape:  # a plate asks for the shape it has at every site
+            return self
+        new = self._get_checked_instance(MultinomialLogits, _instance)
+        new.logits = self.logits.expand(batch_shape + self.event_shape)
+        new.total_count = None if self.total_count is None else self.total_count.expand(batch_shape)
+        new.include_constant = self.include_constant
+        super(MultinomialLogits, new).__init__(batch_shape, self.event_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    @property
+    def probs(self) -> torch.Tensor:
+        return self.logits.exp()
+
+    def _counts(self) -> torch.Tensor:
+        if self.total_count is None:
+            raise ValueError(
+                "MultinomialLogits has no total_count (draws per row), so it cannot be sampled or give a mean; "
+                "build it with total_count, e.g. the data's row sums"
+            )
+        return self.total_count
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self._counts().unsqueeze(-1) * self.probs
+
+    @property
+    def variance(self) -> torch.Tensor:
+        probs = self.probs
+        return self._counts().unsqueeze(-1) * probs * (1 - probs)
+
+    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        """N_n draws of a category per row n, counted: (*sample_shape, *batch_shape, categories)."""
+        sample_shape = torch.Size(sample_shape)
+        counts = self._counts().round().long().expand(sample_shape + self.batch_shape)
+        result = torch.zeros(self._extended_shape(sample_shape), dtype=self.logits.dtype, device=self.logits.device)
+        most = int(counts.max()) if counts.numel() else 0
+        if most == 0:
+            return result
+        with torch.no_grad():
+            # `most` draws for every row; a row keeps its first N_n of them.
+            draws = dist.Categorical(logits=self.logits, validate_args=False).sample((most,) + sample_shape).movedim(0, -1)
+            kept = torch.arange(most, device=counts.device) < counts.unsqueeze(-1)
+            return result.scatter_add_(-1, draws, kept.to(result.dtype))
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        log_prob = (value * self.logits).sum(-1)
+        if self.include_constant:
+            log_prob = log_prob + torch.lgamma(value.sum(-1) + 1) - torch.lgamma(value + 1).sum(-1)
+        return log_prob
+
+
+@LIKELIHOODS.register("multinomial")
+class MultinomialLikelihood(Likelihood):
+    """p(x | z) = Multinomial(x | N = sum_i x_i, pi = softmax(logits(z))) over a vector of counts x
+    (items a user clicked, words of a document, labels of an example):
+
+        log p(x | z) = log N! - sum_i log x_i! + sum_i x_i log pi_i(z).
+
+    ``include_constant = False`` reports sum_i x_i log pi_i only (Liang et al. 2018's loss; same
+    gradients, but not a log-likelihood). Pass the rows' totals as ``total_count`` to draw from it
+    or take its mean (the models do: ``likelihood(logits, total_count=x.sum(-1))``)."""
+
+    def __init__(self, data: DataSpec, include_constant: bool = True):
+        super().__init__(data)
+        if len(self.x_shape) != 1 or self.x_shape[0] < 2:
+            raise ValueError(f"multinomial likelihood needs x of shape (categories,) with >= 2 categories, got {self.x_shape}")
+        self.include_constant = include_constant
+
+    def forward(self, logits: torch.Tensor, total_count=None) -> dist.Distribution:
+        return MultinomialLogits(logits, total_count, include_constant=self.include_constant)
+
+    def mean(self, logits: torch.Tensor, total_count=None) -> torch.Tensor:
+        return self(logits, total_count).mean
+
+    def check_data(self, x: torch.Tensor) -> None:
+        super().check_data(x)
+        bad = (x < 0) | (x != x.round())
+        if bad.any():
+            raise DataError(
+                f"multinomial likelihood needs counts (integers >= 0), but x has values in "
+                f"[{float(x.min()):g}, {float(x.max()):g}] ({_first_offender(bad, x)})"
             )
 
 

@@ -1,0 +1,167 @@
+"""Sparse splits (CSR rows on the host, dense a batch at a time on the device) and the MovieLens loader."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse
+import torch
+
+from pyrovae import DataSpec
+from pyrovae.data import sparse as sparse_module
+from pyrovae.data.sparse import SparseRows, SparseSplits, csr_view, make_sparse_splits
+from pyrovae.data.splits import check_loader_result, check_splits, make_splits
+from pyrovae.errors import DataError
+from pyrovae.experiment import Experiment
+from pyrovae.train import LATEST, load_checkpoint
+from tests.conftest import tiny_experiment
+
+FEATURES = 40
+# At most 20 rows of 40 features dense at once: smaller than every split below.
+LIMIT = 20 * FEATURES
+
+
+def _binary_rows(count: int, seed: int) -> scipy.sparse.csr_matrix:
+    rng = np.random.default_rng(seed)
+    dense = (rng.random((count, FEATURES)) < 0.15).astype(np.float32)
+    dense[:, 0] = 1.0  # no empty row
+    return scipy.sparse.csr_matrix(dense)
+
+
+def _context(count: int, seed: int) -> torch.Tensor:
+    return torch.randn(count, 2, generator=torch.Generator().manual_seed(seed))
+
+
+SPEC = DataSpec("sparse-toy", (FEATURES,), "binary")
+
+
+def sparse_loader(seed: int = 0) -> SparseSplits:
+    """120 training rows (30 carved off for validation) and 40 test rows, held sparse."""
+    data = make_sparse_splits(
+        SPEC,
+        {"x": _binary_rows(120, seed), "c": _context(120, seed)},
+        {"x": _binary_rows(40, seed + 1), "c": _context(40, seed + 1)},
+        validation=30,
+        seed=seed,
+    )
+    return SparseSplits(data.spec, data.train, data.valid, data.test, dense_rows_limit=LIMIT)
+
+
+def dense_loader(seed: int = 0):
+    """The same rows as :func:`sparse_loader`, held dense."""
+    train, test = _binary_rows(120, seed), _binary_rows(40, seed + 1)
+    return make_splits(
+        SPEC,
+        {"x": torch.from_numpy(train.toarray()), "c": _context(120, seed)},
+        {"x": torch.from_numpy(test.toarray()), "c": _context(40, seed + 1)},
+        validation=30,
+        binarize="none",
+        seed=seed,
+    )
+
+
+def test_sparse_splits_give_the_batches_of_dense_splits_with_the_same_seed():
+    sparse, dense = sparse_loader(), dense_loader()
+    check_loader_result(sparse, "sparse_loader")
+    assert sparse.train["x"].layout == torch.sparse_csr and sparse.size("train") == dense.size("train") == 90
+    for name in ("train", "valid", "test"):
+        assert np.array_equal(sparse.csr(name).toarray(), dense.split(name)["x"].numpy()), name
+    for shuffle in (False, True):
+        torch.manual_seed(3)
+        from_sparse = list(sparse.batches("train", 16, shuffle=shuffle))
+        torch.manual_seed(3)
+        from_dense = list(dense.batches("train", 16, shuffle=shuffle))
+        assert len(from_sparse) == len(from_dense) == 6
+        for a, b in zip(from_sparse, from_dense):
+            assert a.keys() == b.keys() and a["x"].layout == torch.strided
+            assert all(torch.equal(a[key], b[key]) for key in a)
+    index = torch.tensor([5, 0, 17])
+    assert all(torch.equal(sparse.take("valid", index)[k], dense.take("valid", index)[k]) for k in ("x", "c"))
+    torch.manual_seed(4)
+    drawn = sparse.random_batch("train", 8)
+    torch.manual_seed(4)
+    assert torch.equal(drawn["x"], dense.random_batch("train", 8)["x"])
+    # Few rows come dense; more than dense_rows_limit elements come as views sliced a batch at a time.
+    assert torch.equal(sparse.rows("test", 3, 9)["x"], dense.rows("test", 3, 9)["x"])
+    whole = sparse.rows("test", 0, 40)
+    assert isinstance(whole["x"], SparseRows) and whole["x"].shape == (40, FEATURES) and len(whole["x"]) == 40
+    assert torch.equal(whole["x"][10:25], dense.test["x"][10:25]) and torch.equal(whole["c"], dense.test["c"])
+    assert torch.equal(whole["x"][torch.tensor([39, 0])], dense.test["x"][[39, 0]])
+    # A shard of a global batch is the same rows as in memory.
+    order = torch.randperm(90, generator=torch.Generator().manual_seed(0))
+    for (a, rows_a, _), (b, rows_b, _) in zip(sparse.shard_batches("train", 32, order, 1, 2), dense.shard_batches("train", 32, order, 1, 2)):
+        assert rows_a == rows_b and torch.equal(a["x"], b["x"])
+
+
+def test_scipy_views_share_the_held_arrays():
+    matrix = _binary_rows(10, 0)
+    data = SparseSplits(SPEC, {"x": matrix}, {"x": matrix[:3]}, {"x": matrix[3:]})
+    assert np.shares_memory(data.csr("train").data, matrix.data)
+    assert data.to("cpu").train["x"] is data.train["x"]  # moving records the device, copies nothing
+    assert np.shares_memory(csr_view(data.train["x"]).indices, matrix.indices)
+
+
+def test_training_from_sparse_splits_takes_the_steps_of_dense_splits_and_never_densifies_a_split(tmp_path, monkeypatch):
+    densified: list[int] = []
+    original = sparse_module.dense_rows
+
+    def counting(matrix, rows, device):
+        result = original(matrix, rows, device)
+        densified.append(int(result.shape[0]))
+        return result
+
+    monkeypatch.setattr(sparse_module, "dense_rows", counting)
+
+    def experiment(loader: str) -> Experiment:
+        return Experiment.from_config(
+            tiny_experiment(
+                data={"name": f"tests.test_sparse_data:{loader}"},
+                model={"name": "vae", "latent_dim": 3, "hidden": [16]},
+                guide={"name": "diag_normal", "hidden": [16]},
+                train={"epochs": 2, "batch_size": 16},
+                evaluate={"particles": 4, "batch_size": 16},
+            )
+        )
+
+    final_sparse = experiment("sparse_loader").train(tmp_path / "sparse", progress=False)
+    final_dense = experiment("dense_loader").train(tmp_path / "dense", progress=False)
+    sparse, dense = (load_checkpoint(tmp_path / name / "checkpoints" / LATEST) for name in ("sparse", "dense"))
+    for part in ("model", "guide"):
+        for name, tensor in dense[part].items():
+            assert torch.equal(tensor, sparse[part][name]), f"{part}.{name}"
+    for key in ("test_elbo", "test_log_likelihood"):
+        assert final_sparse[key] == pytest.approx(final_dense[key], rel=1e-5, abs=1e-6), key
+    # fit, check_splits, evaluate_objective and test_metrics all went a piece at a time.
+    assert densified and max(densified) <= 20 < 30
+
+
+def test_check_splits_names_a_bad_row_by_its_piece():
+    rows = _binary_rows(50, 0).tolil()
+    rows[33, 5] = 2.0  # not binary
+    data = SparseSplits(SPEC, {"x": rows}, {"x": _binary_rows(5, 1)}, {"x": _binary_rows(5, 2)}, dense_rows_limit=LIMIT)
+    from pyrovae.models import GaussianVAE, GaussianVAEConfig
+
+    model = GaussianVAE(GaussianVAEConfig(latent_dim=2, hidden=[8]), SPEC)
+    with pytest.raises(DataError, match=r"train split \(rows 20-39\).*row 13, feature 5"):
+        check_splits(data, model.check_batch)
+
+
+def test_make_sparse_splits_carves_the_rows_make_splits_carves():
+    train, test = _binary_rows(30, 0), _binary_rows(5, 1)
+    labels = torch.arange(30)
+    sparse = make_sparse_splits(SPEC, {"x": train, "y": labels}, {"x": test, "y": torch.arange(5)}, validation=0.2, seed=7)
+    dense = make_splits(
+        SPEC, {"x": torch.from_numpy(train.toarray()), "y": labels}, {"x": torch.from_numpy(test.toarray()), "y": torch.arange(5)},
+        validation=0.2, binarize="none", seed=7,
+    )
+    for name in ("train", "valid"):
+        assert torch.equal(sparse.split(name)["y"], dense.split(name)["y"])
+        assert np.array_equal(sparse.csr(name).toarray(), dense.split(name)["x"].numpy())
+    with pytest.raises(DataError, match="must leave training examples"):
+        make_sparse_splits(SPEC, {"x": train}, {"x": test}, validation=30, seed=0)
+
+
+def test_a_split_value_that_is_not_a_matrix_is_refused_by_the_loader_check():
+    data = SparseSplits(SPEC, {"x": _binary_rows(4, 0), "note": "text"}, {"x": _binary_rows(2, 1)}, {"x": _binary_rows(2, 2)})
+    with pytest.raises(DataError, match=r"train\['note'\] is str; every value of a split must be a tensor"):
+        check_loader_result(data, "toy")
