@@ -547,9 +547,14 @@ def _recovery_snapshot(model, guide, optimizer, state: TrainState) -> dict:
     the optimizer's state and the counters. Not the history (a failed epoch appends nothing to it),
     the random state or the fingerprint, which only checkpoints need."""
     counters = {key: value for key, value in asdict(state).items() if key != "history"}
+
+    def copied(state_dict: dict) -> dict:
+        # Tensors are cloned; extra state (any value a module saves) is copied as it is.
+        return {key: value.clone() if torch.is_tensor(value) else copy.deepcopy(value) for key, value in state_dict.items()}
+
     return {
-        "model": {key: value.clone() for key, value in model.state_dict().items()},
-        "guide": {key: value.clone() for key, value in guide.state_dict().items()},
+        "model": copied(model.state_dict()),
+        "guide": copied(guide.state_dict()),
         "optimizer": copy.deepcopy(optimizer.state_dict()),
         "state": counters,
     }
