@@ -12,10 +12,12 @@ from pyrovae.guides.cvae import (
     NoLatentsGuide,
     RecognitionGuide,
 )
+from pyrovae.guides.sentence import SentenceLSTMGuide, SentenceLSTMGuideConfig
 
 __all__ = [
     "DiagonalNormalGuide", "DiagonalNormalGuideConfig", "M2Guide", "M2GuideConfig",
     "GMVAEGuide", "GMVAEGuideConfig", "GMVAEMarginalGuide", "GMVAEMarginalGuideConfig",
     "BottomUpGuide", "BottomUpGuideConfig", "LadderGuide", "LadderGuideConfig", "CategoricalGuide", "CategoricalGuideConfig",
     "ConditionalEncoderConfig", "LabelConditionedEncoder", "NoLatentsConfig", "NoLatentsGuide", "RecognitionGuide",
+    "SentenceLSTMGuide", "SentenceLSTMGuideConfig",
 ]

@@ -13,5 +13,6 @@ from pyrovae.models.cvae import (
     StructuredOutputCVAE,
     StructuredOutputCVAEConfig,
 )
+from pyrovae.models.sentence import LanguageModel, LanguageModelConfig, SentenceVAE, SentenceVAEConfig
 
-__all__ = ["GaussianVAE", "GaussianVAEConfig", "M2", "M2Config", "GMVAE", "GMVAEConfig", "LadderVAE", "LadderVAEConfig", "CategoricalVAE", "CategoricalVAEConfig", "CVAEBaseline", "CVAEBaselineConfig", "LabelConditionedVAE", "LabelConditionedVAEConfig", "StructuredOutputCVAE", "StructuredOutputCVAEConfig"]
+__all__ = ["GaussianVAE", "GaussianVAEConfig", "M2", "M2Config", "GMVAE", "GMVAEConfig", "LadderVAE", "LadderVAEConfig", "CategoricalVAE", "CategoricalVAEConfig", "CVAEBaseline", "CVAEBaselineConfig", "LabelConditionedVAE", "LabelConditionedVAEConfig", "StructuredOutputCVAE", "StructuredOutputCVAEConfig", "LanguageModel", "LanguageModelConfig", "SentenceVAE", "SentenceVAEConfig"]

@@ -21,6 +21,14 @@ _ARVIZ_PARTS = {
     "pareto_k_plot": "posterior_plots",
     "forest_plot": "posterior_plots",
     "posterior_plot": "posterior_plots",
+    # Sentence decoding (no ArviZ; listed here so it loads only when a text run asks for it).
+    "greedy_decode": "decoding",
+    "sample_decode": "decoding",
+    "beam_search": "decoding",
+    "reconstruct": "decoding",
+    "prior_sentences": "decoding",
+    "homotopy": "decoding",
+    "write_text_samples": "decoding",
 }
 
 

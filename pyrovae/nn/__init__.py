@@ -1,5 +1,19 @@
 """Neural building blocks in plain torch. They know nothing of Pyro."""
 
 from pyrovae.nn.mlp import MLP, activation_layer, check_sizes
+from pyrovae.nn.sequence import (
+    CausalConvBlock,
+    DecoderCore,
+    DilatedCNNDecoderCore,
+    LSTMDecoderCore,
+    LSTMEncoder,
+    real_positions,
+    teacher_forcing_inputs,
+    word_dropout,
+)
 
-__all__ = ["MLP", "activation_layer", "check_sizes"]
+__all__ = [
+    "MLP", "activation_layer", "check_sizes",
+    "CausalConvBlock", "DecoderCore", "DilatedCNNDecoderCore", "LSTMDecoderCore", "LSTMEncoder",
+    "real_positions", "teacher_forcing_inputs", "word_dropout",
+]

@@ -1,0 +1,289 @@
+"""Sentence models: the LSTM sentence VAE of Bowman et al. 2016, its dilated-CNN-decoder variant
+(Yang et al. 2017), the rating-conditioned text VAE, and the language-model baseline without a latent.
+
+Both registered models share one decoder (:class:`SentenceDecoderModel`): an autoregressive
+core from :mod:`pyrovae.nn.sequence` reading the teacher-forced words [<bos>, x_1 .. x_{T-1}]
+and a conditioning vector c (z, a label embedding, both or nothing). The observation site
+
+    x_n ~ prod_{t < L_n} Categorical(x_{n,t} | softmax(logits_{n,t}))
+
+scores the real positions only (``Distribution.mask``), so padding adds exactly 0 to every
+log-probability. The same decoder decodes word by word (:mod:`pyrovae.analysis.decoding`) with
+
+    context = model.decoder_context(z, y)            # c, or None
+    state = model.start_decoding(context, rows)
+    logits, state = model.next_token_logits(tokens, state)   # (rows,) ids -> (rows, V)
+    state = model.select_states(state, index)        # reorder rows (beam search)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.distributions import TorchDistribution
+from torch import nn
+from torch.distributions import constraints
+from torch.nn import functional as F
+
+from pyrovae.data.text import EOS, SPECIAL_TOKENS
+from pyrovae.distributions import StandardNormal
+from pyrovae.errors import DataError
+from pyrovae.nn import DilatedCNNDecoderCore, LSTMDecoderCore, check_sizes, real_positions, teacher_forcing_inputs, word_dropout
+from pyrovae.pair import DataSpec, LatentSite, Model
+from pyrovae.registry import MODELS
+
+DECODERS = ("lstm", "dilated_cnn")
+
+
+class WordCategorical(TorchDistribution):
+    """One categorical per position, over the vocabulary, parameterized by unnormalized logits:
+
+        log p(w) = logits_w - log sum_v exp(logits_v)
+
+    the same values and gradients as ``pyro.distributions.Categorical(logits=logits)``
+    (``tests/test_sentence_vae.py`` checks), computed by one fused ``cross_entropy`` instead of
+    normalizing the whole (..., T, V) logits tensor first: at a 10,000-word vocabulary that
+    normalization is a sizeable part of a training step.
+    """
+
+    arg_constraints = {"logits": constraints.real_vector}
+
+    def __init__(self, logits: torch.Tensor, validate_args=None):
+        self.logits = logits
+        super().__init__(logits.shape[:-1], validate_args=validate_args)
+
+    @constraints.dependent_property(is_discrete=True, event_dim=0)
+    def support(self):
+        return constraints.integer_interval(0, self.logits.shape[-1] - 1)
+
+    def expand(self, batch_shape, _instance=None):
+        batch_shape = torch.Size(batch_shape)
+        if batch_shape == self.batch_shape:
+            return self
+        return WordCategorical(self.logits.expand(batch_shape + self.logits.shape[-1:]), validate_args=False)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        shape = torch.broadcast_shapes(value.shape, self.batch_shape)
+        logits = self.logits.expand(shape + self.logits.shape[-1:]).reshape(-1, self.logits.shape[-1])
+        words = value.long().expand(shape).reshape(-1)
+        return -F.cross_entropy(logits, words, reduction="none").view(shape)
+
+    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        return dist.Categorical(logits=self.logits, validate_args=False).sample(sample_shape)
+
+
+@dataclass
+class SentenceDecoderConfig:
+    embedding_dim: int = 128
+    # LSTM decoder: the state size.
+    hidden: int = 256
+    decoder: str = "lstm"
+    # Dilated-CNN decoder: one residual block per dilation, kernel_size wide, channels deep.
+    dilations: list[int] = field(default_factory=lambda: [1, 2, 4])
+    kernel_size: int = 3
+    channels: int = 256
+    # Condition the decoder on an embedding of the label y (e.g. a review's rating), label_dim wide.
+    condition_on_label: bool = False
+    label_dim: int = 16
+    # Dropout on the decoder's input embeddings and on its outputs before the softmax layer.
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.decoder not in DECODERS:
+            raise ValueError(f"decoder = {self.decoder!r} is not allowed: choose one of {', '.join(DECODERS)}")
+        check_sizes(
+            embedding_dim=self.embedding_dim,
+            hidden=self.hidden,
+            dilations=self.dilations,
+            kernel_size=self.kernel_size,
+            channels=self.channels,
+            label_dim=self.label_dim,
+        )
+        if self.kernel_size < 2:
+            raise ValueError(f"kernel_size = {self.kernel_size} is not allowed: a causal convolution needs >= 2 to see earlier words")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout = {self.dropout!r} is not allowed: it must lie in [0, 1)")
+
+
+@dataclass
+class SentenceVAEConfig(SentenceDecoderConfig):
+    latent_dim: int = 32
+    # LSTM decoder: also concatenate c = z (and the label embedding) to every input embedding, not
+    # only initialise the state from it (the dilated CNN always reads c at every input).
+    z_every_step: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_sizes(latent_dim=self.latent_dim)
+        if not self.z_every_step and self.decoder != "lstm":
+            raise ValueError("z_every_step = false needs decoder = 'lstm': the dilated CNN has no state to start from z")
+
+
+@dataclass
+class LanguageModelConfig(SentenceDecoderConfig):
+    """The decoder's options; there is no latent to configure."""
+
+
+class SentenceDecoderModel(Model):
+    """The decoder shared by :class:`SentenceVAE` and :class:`LanguageModel`:
+
+        c_n = [z_n, E_y y_n]  (the parts the model has)
+        x_{n,t} ~ Categorical(softmax(core([<bos>, x_{n,1} .. x_{n,t-1}], c_n)_t))   t < L_n
+
+    with core the LSTM or dilated-CNN decoder of :mod:`pyrovae.nn.sequence`. Word dropout
+    (keep rate ``word_keep``, a scheduled input) replaces decoder inputs by <unk> in training.
+    """
+
+    scheduled_inputs = {"word_keep": 1.0}
+
+    def __init__(self, config: SentenceDecoderConfig, data: DataSpec, latent_size: int = 0, context_every_step: bool = True):
+        super().__init__(data)
+        self.latent_size = latent_size
+        name = type(self).__name__
+        if data.support != "categorical" or not data.num_categories or data.num_categories <= EOS:
+            raise ValueError(
+                f"{name} needs word ids (support 'categorical', num_categories >= {len(SPECIAL_TOKENS)} for "
+                f"{' '.join(SPECIAL_TOKENS)}); data set {data.name!r} has support {data.support!r}, "
+                f"num_categories {data.num_categories}"
+            )
+        if config.condition_on_label and (not data.num_classes or data.label_format != "integer"):
+            raise ValueError(
+                f"condition_on_label = true needs integer labels (num_classes); data set {data.name!r} has "
+                f"num_classes {data.num_classes}, label_format {data.label_format!r}"
+            )
+        self.config = config
+        self.label_embedding = nn.Embedding(data.num_classes, config.label_dim) if config.condition_on_label else None
+        context_dim = self.latent_size + (config.label_dim if config.condition_on_label else 0)
+        vocabulary = data.num_categories
+        if config.decoder == "lstm":
+            self.decoder = LSTMDecoderCore(
+                vocabulary, config.embedding_dim, config.hidden, context_dim, context_every_step, config.dropout
+            )
+        else:
+            self.decoder = DilatedCNNDecoderCore(
+                vocabulary, config.embedding_dim, config.channels, config.dilations, config.kernel_size, context_dim, config.dropout
+            )
+
+    def check_batch(self, batch) -> None:
+        if self.config.condition_on_label:
+            if "y" not in batch:
+                raise DataError(
+                    f"{type(self).__name__} conditions on labels (condition_on_label): batch['y'] is missing (keys {sorted(batch)})"
+                )
+            y_mask = batch.get("y_mask")
+            if torch.is_tensor(y_mask) and not bool(y_mask.all()):
+                row = int((~y_mask).nonzero()[0])
+                raise DataError(
+                    f"batch['y_mask'] row {row} is False: {type(self).__name__} conditions on every label and would "
+                    "read a hidden label as class 0; use fully labelled data"
+                )
+        super().check_batch(batch)
+
+    @property
+    def conditions_on_label(self) -> bool:
+        return self.label_embedding is not None
+
+    def label_context(self, y: torch.Tensor | None) -> torch.Tensor | None:
+        """E_y y (None when the model does not condition on labels)."""
+        if self.label_embedding is None:
+            return None
+        if y is None:
+            raise ValueError(f"{type(self).__name__} was built with condition_on_label = true: give the labels y")
+        return self.label_embedding(y.long())
+
+    def decoder_context(self, z: torch.Tensor | None, y: torch.Tensor | None = None) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    def observe(self, x: torch.Tensor, mask: torch.Tensor, context: torch.Tensor | None, word_keep: float) -> None:
+        """The observation site ``x``, inside the caller's data plate."""
+        inputs = word_dropout(teacher_forcing_inputs(x), word_keep, self.training)
+        logits = self.decoder(inputs, context)
+        words = WordCategorical(logits, validate_args=False).mask(mask).to_event(1)
+        pyro.sample("x", words, obs=x)
+
+    # --- decoding, one word at a time (pyrovae.analysis.decoding) ------------------------------
+
+    def start_decoding(self, context: torch.Tensor | None, rows: int):
+        return self.decoder.start(context, rows)
+
+    def next_token_logits(self, tokens: torch.Tensor, state):
+        """(logits of the next word (rows, V), the new state) after reading ``tokens`` (rows,)."""
+        return self.decoder.step(tokens, state)
+
+    def select_states(self, state, index: torch.Tensor):
+        return self.decoder.select(state, index)
+
+
+@MODELS.register("sentence_vae")
+class SentenceVAE(SentenceDecoderModel):
+    """Sentence VAE (Bowman et al. 2016; with ``decoder = "dilated_cnn"``, Yang et al. 2017), generative half:
+
+        z_n ~ Normal(0, I_D)
+        c_n = z_n, or [z_n, E_y y_n] with ``condition_on_label`` (the rating-conditioned text VAE)
+        LSTM:  (h_0, c_0) = W_0 c_n + b_0,  h_t = LSTM(h_{t-1}, [e(w_{t-1}), c_n])   ([e(w_{t-1})] alone
+               unless ``z_every_step``);  CNN: causal dilated convolutions over [e(w_{t-1}), c_n]
+        x_{n,t} ~ Categorical(softmax(W_o h_t + b_o))         for the real positions t < L_n only
+
+    with w_0 = <bos> and w_{t-1} = x_{n,t-1}, or <unk> with probability 1 - ``word_keep`` in
+    training (word dropout). The inference network is the ``sentence_lstm`` guide.
+    """
+
+    Config = SentenceVAEConfig
+
+    def __init__(self, config: SentenceVAEConfig, data: DataSpec):
+        super().__init__(config, data, latent_size=config.latent_dim, context_every_step=config.z_every_step)
+
+    @property
+    def latent_sites(self):
+        return (LatentSite("z", (self.config.latent_dim,)),)
+
+    def decoder_context(self, z: torch.Tensor | None, y: torch.Tensor | None = None) -> torch.Tensor:
+        """c = z, or [z, E_y y]."""
+        if z is None or z.shape[-1] != self.config.latent_dim:
+            shape = None if z is None else tuple(z.shape)
+            raise ValueError(f"{type(self).__name__} decodes z of shape (..., {self.config.latent_dim}); got {shape}")
+        label = self.label_context(y)
+        if label is None:
+            return z
+        return torch.cat([z, label.expand(z.shape[:-1] + label.shape[-1:])], -1)
+
+    def forward(self, x: torch.Tensor, mask=None, lengths=None, y=None, word_keep: float = 1.0, **batch):
+        mask, _ = real_positions(x, mask, lengths)
+        with pyro.plate("data", x.shape[0], device=x.device):
+            prior = StandardNormal((x.shape[0],), (self.config.latent_dim,), dtype=self.decoder.output.weight.dtype, device=x.device)
+            z = pyro.sample("z", prior)
+            self.observe(x, mask, self.decoder_context(z, y), word_keep)
+
+
+@MODELS.register("language_model")
+class LanguageModel(SentenceDecoderModel):
+    """Language-model baseline of Bowman et al. 2016, without a latent variable:
+
+        c_n = E_y y_n with ``condition_on_label``, else nothing
+        x_{n,t} ~ Categorical(softmax(decoder([<bos>, x_{n,1} .. x_{n,t-1}], c_n)_t))   t < L_n
+
+    with the same decoder as :class:`SentenceVAE`. Train it with the ``no_latents`` guide: the
+    ELBO is then log p(x) itself.
+    """
+
+    Config = LanguageModelConfig
+
+    @property
+    def latent_sites(self):
+        return ()
+
+    def decoder_context(self, z: torch.Tensor | None = None, y: torch.Tensor | None = None) -> torch.Tensor | None:
+        """c = E_y y, or None. The model has no z: only None or a (rows, 0) placeholder is accepted."""
+        if z is not None and z.shape[-1] != 0:
+            raise ValueError(f"{type(self).__name__} has no latent z; decode with z = None, got z of shape {tuple(z.shape)}")
+        return self.label_context(y)
+
+    def forward(self, x: torch.Tensor, mask=None, lengths=None, y=None, word_keep: float = 1.0, **batch):
+        mask, _ = real_positions(x, mask, lengths)
+        with pyro.plate("data", x.shape[0], device=x.device):
+            self.observe(x, mask, self.decoder_context(None, y), word_keep)
