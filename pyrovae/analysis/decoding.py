@@ -29,6 +29,7 @@ import torch
 from pyro import poutine
 from torch.nn import functional as F
 
+from pyrovae.analysis.plots import _evaluation_mode
 from pyrovae.data.text import BOS, EOS, PAD
 from pyrovae.nn import real_positions
 
@@ -36,16 +37,8 @@ from pyrovae.nn import real_positions
 @contextlib.contextmanager
 def _evaluating(*parts):
     """Evaluation mode (no dropout, no word dropout) and no gradients, restoring the modes after."""
-    modules = [part for part in parts if isinstance(part, torch.nn.Module)]
-    modes = [module.training for module in modules]
-    for module in modules:
-        module.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for module, mode in zip(modules, modes):
-            module.train(mode)
+    with _evaluation_mode(*parts), torch.no_grad():
+        yield
 
 
 def _device_and_dtype(model) -> tuple[torch.device, torch.dtype]:
