@@ -12,6 +12,7 @@ from pyrovae.guides.cvae import (
     NoLatentsGuide,
     RecognitionGuide,
 )
+from pyrovae.guides.multvae import MultVAEEncoder, MultVAEEncoderConfig
 from pyrovae.guides.sentence import SentenceLSTMGuide, SentenceLSTMGuideConfig
 
 __all__ = [
@@ -19,5 +20,6 @@ __all__ = [
     "GMVAEGuide", "GMVAEGuideConfig", "GMVAEMarginalGuide", "GMVAEMarginalGuideConfig",
     "BottomUpGuide", "BottomUpGuideConfig", "LadderGuide", "LadderGuideConfig", "CategoricalGuide", "CategoricalGuideConfig",
     "ConditionalEncoderConfig", "LabelConditionedEncoder", "NoLatentsConfig", "NoLatentsGuide", "RecognitionGuide",
+    "MultVAEEncoder", "MultVAEEncoderConfig",
     "SentenceLSTMGuide", "SentenceLSTMGuideConfig",
 ]

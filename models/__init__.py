@@ -13,6 +13,7 @@ from pyrovae.models.cvae import (
     StructuredOutputCVAE,
     StructuredOutputCVAEConfig,
 )
+from pyrovae.models.multvae import MultDAE, MultDAEConfig, MultVAE, MultVAEConfig
 from pyrovae.models.sentence import LanguageModel, LanguageModelConfig, SentenceVAE, SentenceVAEConfig
 
-__all__ = ["GaussianVAE", "GaussianVAEConfig", "M2", "M2Config", "GMVAE", "GMVAEConfig", "LadderVAE", "LadderVAEConfig", "CategoricalVAE", "CategoricalVAEConfig", "CVAEBaseline", "CVAEBaselineConfig", "LabelConditionedVAE", "LabelConditionedVAEConfig", "StructuredOutputCVAE", "StructuredOutputCVAEConfig", "LanguageModel", "LanguageModelConfig", "SentenceVAE", "SentenceVAEConfig"]
+__all__ = ["GaussianVAE", "GaussianVAEConfig", "M2", "M2Config", "GMVAE", "GMVAEConfig", "LadderVAE", "LadderVAEConfig", "CategoricalVAE", "CategoricalVAEConfig", "CVAEBaseline", "CVAEBaselineConfig", "LabelConditionedVAE", "LabelConditionedVAEConfig", "StructuredOutputCVAE", "StructuredOutputCVAEConfig", "MultVAE", "MultVAEConfig", "MultDAE", "MultDAEConfig", "LanguageModel", "LanguageModelConfig", "SentenceVAE", "SentenceVAEConfig"]

@@ -76,7 +76,9 @@ of similar length and whose every batch is trimmed to its longest row (see :mod:
 from pyrovae.data.images import digits, download_idx, fashion_mnist, load_idx_images, mnist, read_idx
 from pyrovae.data.labels import keep_labels_per_class
 from pyrovae.data.memmap import MemmapSplits, open_memmap, write_memmap
+from pyrovae.data.movielens import movielens, read_ratings, strong_generalization
 from pyrovae.data.sequences import pad_sequences, sequence_splits
+from pyrovae.data.sparse import SparseRows, SparseSplits, make_sparse_splits
 from pyrovae.data.splits import Batch, DataSplits, check_loader_result, check_splits, make_splits
 from pyrovae.data.text import BOS, EOS, PAD, UNK, TextSplits, Vocabulary, bucketed_batches, reviews, text_corpus, tokenize
 
@@ -95,6 +97,12 @@ __all__ = [
     "open_memmap",
     "write_memmap",
     "mnist",
+    "movielens",
+    "read_ratings",
+    "strong_generalization",
+    "SparseRows",
+    "SparseSplits",
+    "make_sparse_splits",
     "pad_sequences",
     "read_idx",
     "sequence_splits",
