@@ -69,7 +69,8 @@ class Registry:
 
 MODELS = Registry("model", ("pyrovae.models",))
 GUIDES = Registry("guide", ("pyrovae.guides",))
-OBJECTIVES = Registry("objective", ("pyrovae.objectives",))
+# The ranking objective lives with its metrics (pyrovae.analysis.ranking).
+OBJECTIVES = Registry("objective", ("pyrovae.objectives", "pyrovae.analysis.ranking"))
 SCHEDULES = Registry("schedule", ("pyrovae.schedules",))
 DATASETS = Registry("data set", ("pyrovae.data",))
 LIKELIHOODS = Registry("likelihood", ("pyrovae.likelihoods",))

@@ -35,6 +35,7 @@ import torch
 from pyro import poutine
 
 from pyrovae.errors import ConfigError, DataError
+from pyrovae.registry import OBJECTIVES
 from pyrovae.traces import latent_sites
 
 HELDOUT_KEY = "heldout"
@@ -130,6 +131,7 @@ def rank_scores(model, guide, batch: Mapping) -> torch.Tensor:
     return posterior_mean_scores(model, guide, batch)
 
 
+@OBJECTIVES.register("ranking")
 class RankingMetrics:
     """An objective with ranking metrics (see the module docstring): the loss and metrics of
     ``objective`` (built with ``particles`` where that is not 1), plus ``ndcg@<k>`` for k in
