@@ -14,6 +14,7 @@ from pyrovae.guides.cvae import (
 )
 from pyrovae.guides.multvae import MultVAEEncoder, MultVAEEncoderConfig
 from pyrovae.guides.sentence import SentenceLSTMGuide, SentenceLSTMGuideConfig
+from pyrovae.guides.multilabel import JointEncoder, JointEncoderConfig, OutputVAEEncoder, OutputVAEEncoderConfig
 
 __all__ = [
     "DiagonalNormalGuide", "DiagonalNormalGuideConfig", "M2Guide", "M2GuideConfig",
@@ -22,4 +23,5 @@ __all__ = [
     "ConditionalEncoderConfig", "LabelConditionedEncoder", "NoLatentsConfig", "NoLatentsGuide", "RecognitionGuide",
     "MultVAEEncoder", "MultVAEEncoderConfig",
     "SentenceLSTMGuide", "SentenceLSTMGuideConfig",
+    "JointEncoder", "JointEncoderConfig", "OutputVAEEncoder", "OutputVAEEncoderConfig",
 ]

@@ -77,6 +77,7 @@ from pyrovae.data.images import digits, download_idx, fashion_mnist, load_idx_im
 from pyrovae.data.labels import keep_labels_per_class
 from pyrovae.data.memmap import MemmapSplits, open_memmap, write_memmap
 from pyrovae.data.movielens import movielens, read_ratings, strong_generalization
+from pyrovae.data.multilabel import generate_xml, read_xml_sparse, synthetic_xml, write_xml_sparse, xml_sparse, yeast
 from pyrovae.data.sequences import pad_sequences, sequence_splits
 from pyrovae.data.sparse import SparseRows, SparseSplits, make_sparse_splits
 from pyrovae.data.splits import Batch, DataSplits, check_loader_result, check_splits, make_splits
@@ -97,6 +98,12 @@ __all__ = [
     "open_memmap",
     "write_memmap",
     "mnist",
+    "generate_xml",
+    "read_xml_sparse",
+    "synthetic_xml",
+    "write_xml_sparse",
+    "xml_sparse",
+    "yeast",
     "movielens",
     "read_ratings",
     "strong_generalization",
