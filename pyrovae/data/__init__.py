@@ -81,6 +81,7 @@ from pyrovae.data.multilabel import generate_xml, read_xml_sparse, synthetic_xml
 from pyrovae.data.sequences import pad_sequences, sequence_splits
 from pyrovae.data.sparse import SparseRows, SparseSplits, make_sparse_splits
 from pyrovae.data.splits import Batch, DataSplits, check_loader_result, check_splits, make_splits
+from pyrovae.data.synthetic_sequences import LatentLSTMGenerator, synthetic_lstm
 from pyrovae.data.text import BOS, EOS, PAD, UNK, TextSplits, Vocabulary, bucketed_batches, reviews, text_corpus, tokenize
 
 __all__ = [
