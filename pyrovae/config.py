@@ -48,6 +48,9 @@ class EvaluateConfig:
     # Evaluate on the first this-many test examples (0: all).
     test_examples: int = 0
     batch_size: int = 100
+    # At most this many (example, particle) rows in one forward pass of the importance-sampled
+    # log-likelihood: lower it for large decoders (a sentence model holds rows x length x vocabulary logits).
+    max_rows: int = 20000
     # Which parameters the test metrics use: the best on validation, or the last epoch's.
     checkpoint: str = "best"
     # Also report what the latents hold on the test examples: I(x; z) (He et al.'s estimator) and
@@ -57,7 +60,7 @@ class EvaluateConfig:
     def __post_init__(self):
         if self.checkpoint not in ("best", "latest"):
             raise ValueError(f"evaluate.checkpoint must be 'best' or 'latest', got {self.checkpoint!r}")
-        for key, low, meaning in (("particles", 1, ""), ("test_examples", 0, " (0: all)"), ("batch_size", 1, "")):
+        for key, low, meaning in (("particles", 1, ""), ("test_examples", 0, " (0: all)"), ("batch_size", 1, ""), ("max_rows", 1, "")):
             if getattr(self, key) < low:
                 raise ValueError(f"evaluate.{key} = {getattr(self, key)!r} is not allowed: it must be >= {low}{meaning}")
 

@@ -355,7 +355,14 @@ class Experiment:
             lo, hi = distributed.shard_range(rows, context)
             test = self.data.rows("test", min(lo, rows - 1), max(hi, min(lo, rows - 1) + 1))
             log_likelihood = importance_log_likelihood(
-                self.model, self.guide, test, particles=particles, inputs=inputs, batch_size=evaluate.batch_size, progress=progress
+                self.model,
+                self.guide,
+                test,
+                particles=particles,
+                inputs=inputs,
+                batch_size=evaluate.batch_size,
+                max_rows=evaluate.max_rows,
+                progress=progress,
             )
         mean_log_likelihood, test_examples = distributed.mean_rows(context, log_likelihood, hi - lo)
         sequence = sequence_metrics(self.data.rows("test", 0, rows), mean_log_likelihood, metrics.get("elbo"))
