@@ -373,6 +373,8 @@ class Experiment:
         # A part with classify(**batch) -> logits or cluster(**batch) -> probabilities: accuracy against
         # y on every test row (test_accuracy, test_cluster_accuracy).
         labels = label_metrics(self.model, self.guide, self.data.test, evaluate.batch_size, inputs)
+        # A part with label_scores(**batch) on multi-hot labels: P@k, PSP@k, Hamming loss, tail recall.
+        labels.update(self.multilabel_metrics(inputs))
         return {
             **{f"test_{key}": value for key, value in metrics.items()},
             **{f"test_{key}": value for key, value in labels.items()},
@@ -385,6 +387,22 @@ class Experiment:
             "step": self.step,
             **{f"schedule/{name}": value for name, value in inputs.items()},
         }
+
+    def multilabel_metrics(self, inputs: dict) -> dict:
+        """Multi-label ranking metrics of a part's ``label_scores`` on the test split, with propensities
+        and tail labels from the training labels (empty for other data or pairs)."""
+        from pyrovae.analysis.classification import _method
+
+        if self.data.spec.label_format != "multi_hot" or _method("label_scores", self.guide, self.model) is None:
+            return {}
+        from pyrovae.analysis.multilabel import pair_multilabel_metrics
+
+        from pyrovae.data.sparse import is_sparse_rows
+
+        labels = self.data.train["y"]
+        train_labels = self.data.csr("train", "y") if is_sparse_rows(labels) else labels
+        test = self.data.rows("test", 0, self.data.size("test"))
+        return pair_multilabel_metrics(self.model, self.guide, test, train_labels, self.evaluate_config.batch_size, inputs)
 
     def latent_metrics(self, rows: int, inputs: dict) -> dict:
         """I(x; z) and the active units of every latent site on the first ``rows`` test examples

@@ -43,6 +43,8 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from pyrovae.analysis.classification import _method
+
 DEFAULT_KS = (1, 3, 5)
 PROPENSITY_A = 0.55
 PROPENSITY_B = 1.5
@@ -268,14 +270,6 @@ def _tally(train_labels, ks, threshold, tail_fraction, propensity_a, propensity_
     counts, rows = label_counts(train_labels)
     propensities = propensities_from_counts(counts, rows, propensity_a, propensity_b)
     return MultilabelTally(propensities, tail_from_counts(counts, tail_fraction), ks, threshold)
-
-
-def _method(name: str, *parts) -> Callable | None:
-    for part in parts:
-        method = getattr(part, name, None)
-        if callable(method):
-            return method
-    return None
 
 
 def _score_batches(model, guide, data: Mapping, batch_size: int, inputs: Mapping | None):
