@@ -71,6 +71,14 @@ rating - 1) tokenize with :func:`tokenize`, encode with a :class:`Vocabulary` bu
 training split (ids ``<pad>`` = 0, ``<unk>`` = 1, ``<bos>`` = 2, ``<eos>`` = 3; a row is its word
 ids then ``<eos>``) and return :class:`TextSplits`, whose shuffled training batches hold sentences
 of similar length and whose every batch is trimmed to its longest row (see :mod:`pyrovae.data.text`).
+``synthetic_lstm`` generates sequences from a random LSTM with a scalar latent (He et al. 2019's
+synthetic posterior-collapse data; :mod:`pyrovae.data.synthetic_sequences`).
+
+Sparse data: :class:`SparseSplits` keeps per-row matrices (interactions, TF-IDF features, multi-hot
+labels) as CSR on the host and makes each batch dense on the device (:mod:`pyrovae.data.sparse`).
+``movielens`` (GroupLens ``u.data``, the strong-generalization fold-in split), ``xml_sparse`` (the
+extreme-classification repository's text format), ``synthetic_xml`` (power-law labels that depend on
+sparse features) and ``yeast`` (dense, multi-hot labels) use it or the dense splits.
 """
 
 from pyrovae.data.images import digits, download_idx, fashion_mnist, load_idx_images, mnist, read_idx
@@ -99,18 +107,20 @@ __all__ = [
     "open_memmap",
     "write_memmap",
     "mnist",
-    "generate_xml",
-    "read_xml_sparse",
-    "synthetic_xml",
-    "write_xml_sparse",
-    "xml_sparse",
-    "yeast",
     "movielens",
     "read_ratings",
     "strong_generalization",
     "SparseRows",
     "SparseSplits",
     "make_sparse_splits",
+    "generate_xml",
+    "read_xml_sparse",
+    "synthetic_xml",
+    "write_xml_sparse",
+    "xml_sparse",
+    "yeast",
+    "LatentLSTMGenerator",
+    "synthetic_lstm",
     "pad_sequences",
     "read_idx",
     "sequence_splits",
