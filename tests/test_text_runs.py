@@ -79,6 +79,9 @@ def test_evaluate_and_sample_use_the_runs_vocabulary_even_when_the_corpus_change
     assert main(["evaluate", str(run), "--no-progress"]) == 0, capsys.readouterr().err
     again = json.loads(capsys.readouterr().out)
     assert again["test_elbo"] == pytest.approx(first["test_elbo"], rel=1e-5)
+    assert main(["analyze", str(run), "--samples", "30", "--no-progress"]) == 0, capsys.readouterr().err
+    assert (run / "analysis" / "posterior.nc").exists() and (run / "analysis" / "report.md").exists()
+    capsys.readouterr()
     # A resume must train on the vocabulary the run began with: a changed one is refused.
     assert main(["train", str(path), "--out", str(run), "--resume", "--set", "train.epochs=2", "--no-progress"]) == 2
     assert "vocabulary" in capsys.readouterr().err

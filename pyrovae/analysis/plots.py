@@ -115,10 +115,11 @@ def decoded_value(fn) -> torch.Tensor:
     base = fn
     while hasattr(base, "base_dist"):
         base = base.base_dist
-    probs = getattr(base, "probs", None)
-    if probs is None:
+    # The most probable value: from logits where the distribution keeps only those (argmax is the same).
+    scores = getattr(base, "logits", None) if "probs" not in base.__dict__ and hasattr(base, "logits") else getattr(base, "probs", None)
+    if scores is None:
         raise ValueError(f"cannot draw {type(fn).__name__}: it has neither a finite mean nor probabilities")
-    return probs.argmax(-1).to(torch.get_default_dtype())
+    return scores.argmax(-1).to(torch.get_default_dtype())
 
 
 def sample_rows_figure(
