@@ -114,15 +114,19 @@ def run_plain(data: DataSplits, particles: int, iwae: bool) -> tuple[float, floa
     return seconds, common_test_elbo(plain_softplus_encoder(network.encoder), network.decoder, data.test["x"][:TEST])
 
 
-def run_pyrovae(data: DataSplits, particles: int, iwae: bool) -> tuple[float, float]:
+def run_pyrovae(data: DataSplits, particles: int, iwae: bool, compile: str = "none") -> tuple[float, float]:
     started = time.perf_counter()
     model = GaussianVAE(GaussianVAEConfig(latent_dim=LATENT, hidden=[HIDDEN]), data.spec)
     guide = DiagonalNormalGuide(DiagonalNormalGuideConfig(hidden=[HIDDEN]), data.spec, model)
-    config = TrainConfig(epochs=1, batch_size=BATCH, lr=LR, clip_norm=CLIP, device="cpu")
+    config = TrainConfig(epochs=1, batch_size=BATCH, lr=LR, clip_norm=CLIP, device="cpu", compile=compile)
     fit(model, guide, IWAE(particles) if iwae else ELBO(), data, config, progress=False)
     seconds = time.perf_counter() - started
     encoder = guide.encoder
     return seconds, common_test_elbo(plain_softplus_encoder(encoder), model.decoder, data.test["x"][:TEST])
+
+
+def run_pyrovae_trace(data: DataSplits, particles: int, iwae: bool) -> tuple[float, float]:
+    return run_pyrovae(data, particles, iwae, compile="trace")
 
 
 class StockPyroVAE(nn.Module):

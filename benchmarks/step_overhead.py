@@ -3,7 +3,8 @@
 A diagnostic beside ``overhead.py``: it times single optimizer steps (objective, backward,
 clipping, Adam) on one fixed binary batch, alternating pyrovae's step and the plain step so
 that both see the same machine speed, and prints the median over ``--steps`` of each and
-their ratio. ``--tiny`` shrinks the networks to nothing (batch 2, hidden 4, latent 2), so
+their ratio. ``pyrovae_trace`` is the same step through ``train.compile = "trace"``'s
+:class:`~pyrovae.train.compiled.CompiledStep` (captured once, then replayed). ``--tiny`` shrinks the networks to nothing (batch 2, hidden 4, latent 2), so
 what remains is each step's fixed Python cost.
 
     python benchmarks/step_overhead.py [--steps 1500] [--tiny]
@@ -26,6 +27,7 @@ from pyrovae.guides import DiagonalNormalGuide, DiagonalNormalGuideConfig
 from pyrovae.models import GaussianVAE, GaussianVAEConfig
 from pyrovae.objectives import ELBO, IWAE
 from pyrovae.pair import DataSpec
+from pyrovae.train.compiled import CompiledStep
 
 
 def main(argv=None) -> dict[str, float]:
@@ -56,8 +58,10 @@ def main(argv=None) -> dict[str, float]:
     ratios = {}
     print(f"threads={torch.get_num_threads()} batch={batch} hidden={hidden} latent={latent} steps={args.steps}")
     for label, particles, iwae, objective in (("elbo", 1, False, ELBO()), ("iwae_k5", 5, True, IWAE(5))):
+        compiled = CompiledStep("trace", model, guide, objective)
         runs = {
             "pyrovae": lambda: step(objective(model, guide, {"x": x})[0], ours_optimizer, ours),
+            "pyrovae_trace": lambda: step(compiled({"x": x}, 1.0, {})[0], ours_optimizer, ours),
             "plain": lambda: step(plain.loss(x, particles, iwae), plain_optimizer, list(plain.parameters())),
         }
         times = {name: [] for name in runs}
@@ -69,7 +73,11 @@ def main(argv=None) -> dict[str, float]:
                     times[name].append(time.perf_counter() - started)
         median = {name: statistics.median(values) * 1e3 for name, values in times.items()}
         ratios[label] = median["pyrovae"] / median["plain"]
-        print(f"{label}: pyrovae {median['pyrovae']:.3f} ms  plain {median['plain']:.3f} ms  ratio {ratios[label]:.3f}")
+        ratios[f"{label}_trace"] = median["pyrovae_trace"] / median["plain"]
+        print(
+            f"{label}: pyrovae {median['pyrovae']:.3f} ms  pyrovae_trace {median['pyrovae_trace']:.3f} ms  "
+            f"plain {median['plain']:.3f} ms  ratio {ratios[label]:.3f}  trace ratio {ratios[f'{label}_trace']:.3f}"
+        )
     return ratios
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Mapping, Union
 
+import torch
 from pyro.poutine.messenger import Messenger
 
-Beta = Union[float, Mapping[str, float]]
+Beta = Union[float, torch.Tensor, Mapping[str, Union[float, torch.Tensor]]]
 
 # kl_scale writes the scale a site had before beta multiplied it into ``msg["infer"]`` under
 # this key, so reported numbers can undo beta (and only beta) even when beta is 0.
@@ -23,28 +24,34 @@ class kl_scale(Messenger):
     traces (Monte Carlo or analytic KL, which reads the guide site's scale).
 
     ``beta`` is one float, or a dict ``{site_name: beta}`` for per-layer warm-up;
-    sites missing from the dict get ``default`` (1 unless given).
+    sites missing from the dict get ``default`` (1 unless given). A 0-dim tensor may stand for
+    any float (the compiled step passes its weights so, as graph inputs); it always scales the
+    site, even at 1, and is not checked (that would read it to the host).
 
     Each scaled site remembers its scale before beta in ``site["infer"]["unannealed_scale"]``;
     :func:`pyrovae.traces.reported_log_prob` reads it to report the unannealed bound.
     """
 
-    def __init__(self, beta: Beta, default: float = 1.0):
+    def __init__(self, beta: Beta, default: float | torch.Tensor = 1.0):
         super().__init__()
         if isinstance(beta, Mapping):
-            self.beta_by_site = {name: float(value) for name, value in beta.items()}
-            self.beta = float(default)
+            self.beta_by_site = {name: _weight(value) for name, value in beta.items()}
+            self.beta = _weight(default)
         else:
             self.beta_by_site = None
-            self.beta = float(beta)
+            self.beta = _weight(beta)
         for value in [self.beta, *(self.beta_by_site or {}).values()]:
-            if not value >= 0.0:
+            if not torch.is_tensor(value) and not value >= 0.0:
                 raise ValueError(f"kl_scale needs beta >= 0, got {value}")
 
     def _process_message(self, msg):
         if msg["type"] != "sample" or msg["is_observed"]:
             return
         beta = self.beta if self.beta_by_site is None else self.beta_by_site.get(msg["name"], self.beta)
-        if beta != 1.0:
+        if torch.is_tensor(beta) or beta != 1.0:
             msg["infer"].setdefault(UNANNEALED_SCALE, msg["scale"])
             msg["scale"] = beta * msg["scale"]
+
+
+def _weight(value):
+    return value if torch.is_tensor(value) else float(value)

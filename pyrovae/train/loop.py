@@ -35,6 +35,7 @@ from pyrovae.pair import check_pair
 from pyrovae.schedules import StepSchedules
 from pyrovae.traces import preserved_rng
 from pyrovae.train import distributed
+from pyrovae.train.compiled import COMPILE_MODES, CompiledStep
 from pyrovae.train.strategies import STRATEGIES, AggressiveGuideUpdates
 from pyrovae.train.checkpoint import (
     BEST,
@@ -101,6 +102,12 @@ class TrainConfig:
     aggressive_check_every: int = 15
     aggressive_max_steps: int = 100
     aggressive_mi_examples: int = 1000
+    # "none": the eager step. "trace": capture the objective's tensor operations once per batch
+    # signature and replay them with TorchScript, so Pyro's bookkeeping runs at capture time only;
+    # "torch": the same graph through torch.compile (Inductor; seconds to minutes per signature).
+    # Checked against the eager step on its first replay; falls back with a message where a pair
+    # cannot be captured (see pyrovae.train.compiled).
+    compile: str = "none"
 
     def __post_init__(self):
         # key -> (allowed?, what is allowed)
@@ -123,6 +130,7 @@ class TrainConfig:
             "aggressive_check_every": (self.aggressive_check_every >= 1, ">= 1"),
             "aggressive_max_steps": (self.aggressive_max_steps >= 1, ">= 1"),
             "aggressive_mi_examples": (self.aggressive_mi_examples >= 2, ">= 2"),
+            "compile": (self.compile in COMPILE_MODES, f"one of {', '.join(COMPILE_MODES)}"),
         }
         for key, (ok, allowed) in checks.items():
             if not ok:
@@ -356,6 +364,9 @@ def fit(
         if context.active:
             raise ConfigError("train.strategy = 'aggressive' runs in one process; its guide-only steps are not shared out across ranks")
         strategy = AggressiveGuideUpdates(config.aggressive_check_every, config.aggressive_max_steps, config.aggressive_mi_examples)
+    compiled = CompiledStep(config.compile, model, guide, objective, say) if config.compile != "none" else None
+    if compiled is not None and (strategy is not None or autocast is not None):
+        compiled._disable("aggressive guide updates" if strategy is not None else "precision = 'bf16' (autocast)")
     # Every rank starts from rank 0's parameters, as DDP does.
     distributed.broadcast_module_state(context, model, guide)
 
@@ -427,6 +438,7 @@ def fit(
                     averager,
                     autocast,
                     strategy if state.aggressive else None,
+                    compiled,
                 )
             except _NonFinite as failure:
                 state.nonfinite_retries += 1
@@ -656,7 +668,7 @@ def _postfix(schedules: StepSchedules, step: int) -> dict[str, str]:
 
 
 def _run_epoch(
-    model, guide, objective, data, config, optimizer, parameters, schedules, state, bar, context, averager=None, autocast=None, strategy=None
+    model, guide, objective, data, config, optimizer, parameters, schedules, state, bar, context, averager=None, autocast=None, strategy=None, compiled=None
 ) -> dict[str, float]:
     model.train()
     guide.train()
@@ -689,7 +701,10 @@ def _run_epoch(
         # (e.g. one wrapping Pyro's loss_and_grads).
         optimizer.zero_grad(set_to_none=True)
         with strategy.model_step(optimizer) if strategy is not None else contextlib.nullcontext():
-            if autocast is None:
+            if compiled is not None and (state.step > 0 or not config.validate_first_step):
+                # A validated first step stays eager (its checks read values).
+                loss, metrics = compiled(batch, beta, by_site)
+            elif autocast is None:
                 with _scaling(beta, by_site):
                     loss, metrics = objective(model, guide, batch)
             else:

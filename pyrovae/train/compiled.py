@@ -1,0 +1,276 @@
+"""The compiled training step: ``train.compile = "none" | "trace" | "torch"``.
+
+An eager step runs the objective as Python: every ``pyro.sample`` walks Pyro's messenger stack
+(plates, trace, replay, broadcast), builds its message, and scores its site. That bookkeeping
+decides nothing that changes from one step to the next while the batch keeps its shapes: it only
+decides *which tensor operations* run. A compiled step captures those operations once per batch
+signature and replays them, so the bookkeeping runs at capture time only.
+
+Capture, per batch signature (the shapes, dtypes and devices of the batch's tensors, its other
+values, and which per-site KL weights are set):
+
+1. ``torch.fx``'s ``make_fx`` runs the objective once on *fake* tensors (shapes without data), with
+   every parameter and buffer of the model and the guide, every batch tensor and the KL weights
+   (as 0-dim tensors, so annealing does not force a new capture per step) as inputs. The result
+   is a graph of tensor operations with no Pyro in it. Random draws are operations of the graph,
+   so every replay draws afresh from torch's generator, exactly as the eager step would.
+   Fake tensors have no values, so a model whose Python control flow reads a tensor's value
+   (``if x.sum() > 0``, ``.item()``) cannot be captured: it runs eagerly, with a message. A
+   captured graph is therefore never silently specialised to one batch's values.
+2. ``"trace"`` replays the graph with TorchScript (``torch.jit.trace`` of the graph: no Python
+   per operation, nothing to compile). ``"torch"`` hands it to ``torch.compile`` (Inductor, which
+   fuses element-wise operations); that costs seconds to minutes per signature, so it pays off in
+   long runs only.
+3. The first replay of each signature is checked against the eager step on the same random draws:
+   the loss, every metric and every gradient must agree (to float rounding). Otherwise, e.g. a
+   custom ``torch.autograd.Function`` whose backward the graph cannot hold, or a tensor read from
+   outside the model's parameters, the step falls back to eager for the rest of the run, with a
+   message saying why.
+
+What stays eager: the first step (it runs with argument validation on), objectives that take
+gradients inside their call (``pyro:`` wrappers around ``loss_and_grads``), aggressive mode's
+guide-only steps, ``precision = "bf16"``, and a run whose batches keep changing signature (more
+than ``MAX_SIGNATURES``: text batches trimmed to their longest row, say). The optimizer step
+and gradient clipping run eagerly after the replayed forward and backward.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable, Mapping
+
+import torch
+
+from pyrovae.handlers import kl_scale
+from pyrovae.traces import preserved_rng
+
+COMPILE_MODES = ("none", "trace", "torch")
+
+# A run whose batches show more distinct signatures than this stops capturing and runs eagerly.
+MAX_SIGNATURES = 8
+
+
+class _Pair(torch.nn.Module):
+    """Model and guide under one root, so one ``functional_call`` swaps the parameters and
+    buffers of both (a module the guide shares with the model is swapped once: tied)."""
+
+    def __init__(self, model, guide):
+        super().__init__()
+        self.model = model
+        self.guide = guide
+
+
+class CaptureRefused(Exception):
+    """The step cannot be captured; the message says why."""
+
+
+class CompiledStep:
+    """``step(batch, beta, by_site) -> (loss, metrics)``: the objective under KL weights ``beta``
+    (and ``by_site``), from a captured graph where one holds, else eagerly (see the module)."""
+
+    def __init__(self, mode: str, model, guide, objective, say: Callable[[str], None] = print, check: bool = True):
+        if mode not in COMPILE_MODES:
+            raise ValueError(f"train.compile = {mode!r} is not allowed: it must be one of {', '.join(COMPILE_MODES)}")
+        self.mode = mode
+        self.model, self.guide, self.objective = model, guide, objective
+        self.say = say
+        self.check = check
+        self.pair = _Pair(model, guide)
+        self.graphs: dict[tuple, tuple[Callable, list[str]]] = {}
+        self.disabled: str | None = None if mode != "none" else "train.compile = none"
+        if self.disabled is None and getattr(objective, "compilable", True) is False:
+            self._disable(f"objective {getattr(objective, 'name', type(objective).__name__)!r} takes gradients inside its call")
+
+    @property
+    def active(self) -> bool:
+        return self.disabled is None
+
+    def _disable(self, reason: str) -> None:
+        self.disabled = reason
+        self.say(f"train.compile = {self.mode!r}: running the step eagerly from here on: {reason}")
+
+    # -- eager --------------------------------------------------------------------------------
+
+    def eager(self, batch: Mapping, beta: float, by_site: Mapping[str, float]):
+        from pyrovae.train.loop import _scaling
+
+        with _scaling(beta, by_site):
+            return self.objective(self.model, self.guide, batch)
+
+    # -- compiled -----------------------------------------------------------------------------
+
+    def __call__(self, batch: Mapping, beta: float, by_site: Mapping[str, float]):
+        if self.disabled is not None:
+            return self.eager(batch, beta, by_site)
+        key = self._signature(batch, by_site)
+        entry = self.graphs.get(key)
+        if entry is None:
+            if len(self.graphs) >= MAX_SIGNATURES:
+                self._disable(
+                    f"the batches showed more than {MAX_SIGNATURES} distinct signatures (shapes or non-tensor "
+                    "values), and each needs its own capture"
+                )
+                return self.eager(batch, beta, by_site)
+            try:
+                entry = self._capture(batch, by_site)
+            except CaptureRefused as refused:
+                self._disable(str(refused))
+                return self.eager(batch, beta, by_site)
+            except Exception as error:  # anything the tracer cannot follow
+                self._disable(f"capture failed: {type(error).__name__}: {_first_line(error)}")
+                return self.eager(batch, beta, by_site)
+            self.graphs[key] = entry
+            if self.check:
+                return self._checked_replay(entry, batch, beta, by_site)
+        return self._replay(entry, batch, beta, by_site)
+
+    def _signature(self, batch: Mapping, by_site: Mapping[str, float]) -> tuple:
+        items = []
+        for name in sorted(batch):
+            value = batch[name]
+            if torch.is_tensor(value):
+                items.append((name, tuple(value.shape), value.dtype, value.device.type, value.device.index, value.layout))
+            else:
+                items.append((name, "value", repr(value)))
+        return (tuple(items), tuple(sorted(by_site)), self.model.training, self.guide.training, torch.is_grad_enabled())
+
+    def _state(self) -> tuple[list[str], list[torch.Tensor]]:
+        named = dict(self.pair.named_parameters())
+        named.update(self.pair.named_buffers())
+        return list(named), list(named.values())
+
+    def _inputs(self, batch, beta, by_site, tensor_keys, site_names):
+        _, state = self._state()
+        device = state[0].device if state else None
+        weights = [torch.as_tensor(float(beta), device=device)] + [torch.as_tensor(float(by_site[s]), device=device) for s in site_names]
+        return [*state, *(batch[k] for k in tensor_keys), *weights]
+
+    def _capture(self, batch: Mapping, by_site: Mapping[str, float]):
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        names, state = self._state()
+        tensor_keys = [k for k in sorted(batch) if torch.is_tensor(batch[k])]
+        if any(batch[k].layout != torch.strided for k in tensor_keys):
+            raise CaptureRefused("the batch holds sparse tensors")
+        constants = {k: v for k, v in batch.items() if not torch.is_tensor(v)}
+        site_names = sorted(by_site)
+        metric_keys: list[str] = []
+        pair, objective = self.pair, self.objective
+        count = len(state)
+
+        def step(*inputs):
+            swapped = dict(zip(names, inputs[:count]))
+            tensors = dict(zip(tensor_keys, inputs[count : count + len(tensor_keys)]))
+            beta, *site_betas = inputs[count + len(tensor_keys) :]
+            run_batch = {**constants, **tensors}
+
+            def run(model, guide):
+                with kl_scale(dict(zip(site_names, site_betas)), default=beta) if site_names else kl_scale(beta):
+                    return objective(model, guide, run_batch)
+
+            loss, metrics = _call_swapped(pair, swapped, run)
+            metric_keys[:] = list(metrics)
+            return (loss, *metrics.values())
+
+        example = self._inputs(batch, 1.0, dict.fromkeys(site_names, 1.0), tensor_keys, site_names)
+        with preserved_rng():
+            try:
+                graph = make_fx(step, tracing_mode="fake")(*example)
+            except Exception as error:
+                if "data-dependent" in str(error).lower() or "DataDependent" in type(error).__name__ or type(error).__name__ == "DynamicOutputShapeException":
+                    raise CaptureRefused(
+                        "the model, guide or objective reads a tensor's value in Python control flow "
+                        f"({_first_line(error)}), so one captured graph cannot stand for every batch"
+                    ) from None
+                raise
+        stale = [name for name, value in _graph_constants(graph) if value.requires_grad]
+        if stale:
+            raise CaptureRefused(f"the step reads tensors that require gradients but are not parameters of the model or guide ({', '.join(stale[:3])})")
+        if self.mode == "trace":
+            with preserved_rng(), torch.no_grad(), warnings.catch_warnings():
+                # torch.jit.trace is deprecated in favour of torch.compile, which costs seconds per
+                # capture on a CPU; the TorchScript replay costs nothing to build.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                runner = torch.jit.trace(graph, tuple(t.detach() for t in example), check_trace=False)
+        else:
+            runner = torch.compile(graph, dynamic=False)
+        return runner, list(metric_keys), tensor_keys, site_names
+
+    def _replay(self, entry, batch, beta, by_site):
+        runner, metric_keys, tensor_keys, site_names = entry
+        outputs = runner(*self._inputs(batch, beta, by_site, tensor_keys, site_names))
+        loss, values = outputs[0], outputs[1:]
+        return loss, {key: value.detach() for key, value in zip(metric_keys, values)}
+
+    def _checked_replay(self, entry, batch, beta, by_site):
+        """The first replay of a signature, against the eager step on the same draws."""
+        _, state = self._state()
+        trainable = [t for t in state if t.requires_grad]
+        with preserved_rng():
+            eager_loss, eager_metrics = self.eager(batch, beta, by_site)
+            eager_grads = torch.autograd.grad(eager_loss, trainable, allow_unused=True)
+        loss, metrics = self._replay(entry, batch, beta, by_site)
+        grads = torch.autograd.grad(loss, trainable, allow_unused=True, retain_graph=True)
+        problem = _difference("loss", eager_loss.detach(), loss.detach())
+        for key in eager_metrics:
+            problem = problem or _difference(f"metric {key!r}", eager_metrics[key], metrics.get(key))
+        names = [n for n, t in zip(self._state()[0], state) if t.requires_grad]
+        for name, expected, got in zip(names, eager_grads, grads):
+            problem = problem or _difference(f"the gradient of {name}", expected, got)
+        if problem:
+            self.graphs.clear()
+            self._disable(f"the captured step disagrees with the eager one on the same draws ({problem})")
+        return loss, metrics
+
+
+def _call_swapped(pair: _Pair, swapped: dict, run):
+    """``run(model, guide)`` with the pair's parameters and buffers replaced by ``swapped``
+    (name -> tensor, named as ``pair.named_parameters()`` and ``named_buffers()`` name them).
+
+    Every slot holding a swapped tensor is swapped, also where several modules hold it (a guide
+    that reuses a module of the model), and restored on the way out."""
+    replacement = {id(tensor): swapped[name] for name, tensor in (*pair.named_parameters(), *pair.named_buffers()) if name in swapped}
+    slots = []
+    for module in pair.modules():
+        for table in (module._parameters, module._buffers):
+            for key, tensor in table.items():
+                if tensor is not None and id(tensor) in replacement:
+                    slots.append((table, key, tensor))
+    try:
+        for table, key, tensor in slots:
+            table[key] = replacement[id(tensor)]
+        return run(pair.model, pair.guide)
+    finally:
+        for table, key, tensor in slots:
+            table[key] = tensor
+
+
+def _graph_constants(graph: torch.fx.GraphModule):
+    for node in graph.graph.nodes:
+        if node.op == "get_attr":
+            value = getattr(graph, node.target, None)
+            if torch.is_tensor(value):
+                yield node.target, value
+
+
+def _difference(what: str, expected, got) -> str | None:
+    if expected is None and got is None:
+        return None
+    if expected is None or got is None:
+        return f"{what}: present in one step only"
+    if expected.shape != got.shape:
+        return f"{what}: shape {tuple(got.shape)} against {tuple(expected.shape)}"
+    scale = float(expected.detach().abs().max()) if expected.numel() else 0.0
+    tolerance = 1e-4 * max(scale, 1.0)
+    gap = float((expected.detach() - got.detach()).abs().max()) if expected.numel() else 0.0
+    if not math.isfinite(gap) and not bool(torch.equal(expected.isfinite(), got.isfinite())):
+        return f"{what}: non-finite in one step only"
+    if gap > tolerance:
+        return f"{what} differs by {gap:.3g}"
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:200] if text else type(error).__name__
