@@ -11,6 +11,10 @@ one pass over the same 1,000 validation images:
   ``elbo`` objective (or ``iwae`` with K=5). Beyond the bare loop it checks every split and the pair
   before the first step, validates Pyro's and torch's arguments on that step, clips, snapshots the
   state for non-finite recovery, reads the device once every 50 steps, and logs per-site metrics.
+- ``pyrovae_trace``: the same fit loop with ``train.compile = "trace"``: after the first step it
+  captures the objective's tensor operations once per batch shape (two here: the full batch and
+  the last, partial one), checks each capture against the eager step, and replays it with
+  TorchScript. The capture costs are inside its epoch time.
 - ``pyro_svi``: stock Pyro, written as Pyro's own VAE example writes it: ``pyro.module`` in the model
   and the guide, ``SVI(model, guide, pyro.optim.Adam, Trace_ELBO())``, ``svi.step`` per batch (which
   reads the loss to the host every step) and ``svi.evaluate_loss`` for validation; argument validation
@@ -212,7 +216,7 @@ def run_pythae(data: DataSplits, particles: int, iwae: bool) -> tuple[float, flo
 
 
 def available() -> dict:
-    runs = {"plain": run_plain, "pyrovae": run_pyrovae, "pyro_svi": run_pyro_svi}
+    runs = {"plain": run_plain, "pyrovae": run_pyrovae, "pyrovae_trace": run_pyrovae_trace, "pyro_svi": run_pyro_svi}
     try:
         import pythae  # noqa: F401
 
@@ -237,7 +241,7 @@ def main(argv=None) -> dict:
     objectives = [("elbo", 1, False), ("iwae_k5", 5, True)]
     objectives = [o for o in objectives if args.objective == "both" or o[0].startswith(args.objective)]
     for label, particles, iwae in objectives:
-        runs = {name: run for name, run in available().items() if not iwae or name in ("plain", "pyrovae")}
+        runs = {name: run for name, run in available().items() if not iwae or name in ("plain", "pyrovae", "pyrovae_trace")}
         times = {name: [] for name in runs}
         elbos = {name: [] for name in runs}
         names = list(runs)

@@ -81,3 +81,26 @@ def test_check_stops_on_a_different_computation(sentence_step, layer):
         getattr(plain, layer).bias[-1] += 0.1
     with pytest.raises(SystemExit, match="the two steps disagree on the first batch"):
         sentence_step.check_same_step(model, guide, plain, sentence_step.MeanFieldELBO(), batch)
+
+
+def test_peers_smoke_run_reports_every_implementation_with_the_traced_step(tmp_path):
+    """One repeat on 512 random images: every ratio is printed, including pyrovae's traced step."""
+    run = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "peers.py"), "--repeats", "1", "--train-examples", "512", "--data", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    ratios = dict(re.findall(r"(\S+)=([0-9.]+)", run.stdout.splitlines()[-1]))
+    for key in ("elbo/pyrovae", "elbo/pyrovae_trace", "elbo/pyro_svi", "iwae_k5/pyrovae", "iwae_k5/pyrovae_trace"):
+        assert float(ratios[key]) > 0, run.stdout
+    assert "running the step eagerly" not in run.stdout + run.stderr  # the traced step held
+
+
+def test_step_overhead_tiny_run_prints_the_traced_ratio():
+    run = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "step_overhead.py"), "--tiny", "--steps", "20"], capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert re.search(r"elbo: .*trace ratio [0-9.]+", run.stdout) and re.search(r"iwae_k5: .*trace ratio [0-9.]+", run.stdout), run.stdout
