@@ -190,3 +190,14 @@ def test_compile_setting_is_checked():
 
     with pytest.raises(ValueError, match="train.compile = 'jit' is not allowed"):
         TrainConfig(compile="jit")
+
+
+def test_torch_compile_mode_equals_the_eager_step(binary_batch):
+    """``"torch"``: the same captured graph through torch.compile (Inductor)."""
+    torch.manual_seed(0)
+    model, guide = tiny_pair()
+    objective = ELBO()
+    objective(model, guide, binary_batch)
+    results, step, messages = eager_and_compiled(model, guide, objective, binary_batch, beta=0.5, mode="torch")
+    assert step.active, messages
+    assert_same(results)

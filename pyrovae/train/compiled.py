@@ -194,7 +194,8 @@ class CompiledStep:
                 warnings.simplefilter("ignore", DeprecationWarning)
                 runner = torch.jit.trace(graph, tuple(t.detach() for t in example), check_trace=False)
         else:
-            runner = torch.compile(graph, dynamic=False)
+            # fallback_random: draw with torch's own generator, so the draws are the eager step's.
+            runner = torch.compile(graph, dynamic=False, options={"fallback_random": True})
         return runner, list(metric_keys), tensor_keys, site_names
 
     def _replay(self, entry, batch, beta, by_site):
