@@ -13,8 +13,7 @@ one pass over the same 1,000 validation images:
   state for non-finite recovery, reads the device once every 50 steps, and logs per-site metrics.
 - ``pyrovae_trace``: the same fit loop with ``train.compile = "trace"``: after the first step it
   captures the objective's tensor operations once per batch shape (two here: the full batch and
-  the last, partial one), checks each capture against the eager step, and replays it with
-  TorchScript. The capture costs are inside its epoch time.
+  the last, partial one), checks each capture against the eager step, and replays it. The capture costs are inside its epoch time.
 - ``pyro_svi``: stock Pyro, written as Pyro's own VAE example writes it: ``pyro.module`` in the model
   and the guide, ``SVI(model, guide, pyro.optim.Adam, Trace_ELBO())``, ``svi.step`` per batch (which
   reads the loss to the host every step) and ``svi.evaluate_loss`` for validation; argument validation

@@ -17,10 +17,10 @@ values, and which per-site KL weights are set):
    Fake tensors have no values, so a model whose Python control flow reads a tensor's value
    (``if x.sum() > 0``, ``.item()``) cannot be captured: it runs eagerly, with a message. A
    captured graph is therefore never silently specialised to one batch's values.
-2. ``"trace"`` replays the graph with TorchScript (``torch.jit.trace`` of the graph: no Python
-   per operation, nothing to compile). ``"torch"`` hands it to ``torch.compile`` (Inductor, which
-   fuses element-wise operations); that costs seconds to minutes per signature, so it pays off in
-   long runs only.
+2. ``"trace"`` replays the graph as it is: generated Python code with one call per tensor
+   operation and torch's own autograd, nothing to compile. ``"torch"`` hands it to ``torch.compile``
+   (Inductor, which fuses element-wise operations); that costs seconds to minutes per signature, so
+   it pays off in long runs only.
 3. The first replay of each signature is checked against the eager step on the same random draws:
    the loss, every metric and every gradient must agree (to float rounding). Otherwise, e.g. a
    custom ``torch.autograd.Function`` whose backward the graph cannot hold, or a tensor read from
@@ -37,7 +37,6 @@ and gradient clipping run eagerly after the replayed forward and backward.
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Callable, Mapping
 
 import torch
@@ -77,6 +76,7 @@ class CompiledStep:
         self.say = say
         self.check = check
         self.pair = _Pair(model, guide)
+        self._named_state = None
         self.graphs: dict[tuple, tuple[Callable, list[str]]] = {}
         self.disabled: str | None = None if mode != "none" else "train.compile = none"
         if self.disabled is None and getattr(objective, "compilable", True) is False:
@@ -136,9 +136,13 @@ class CompiledStep:
         return (tuple(items), tuple(sorted(by_site)), self.model.training, self.guide.training, torch.is_grad_enabled())
 
     def _state(self) -> tuple[list[str], list[torch.Tensor]]:
-        named = dict(self.pair.named_parameters())
-        named.update(self.pair.named_buffers())
-        return list(named), list(named.values())
+        """Names and tensors of every parameter and buffer of the pair (each once). The tensors
+        keep their identity for the whole run (recovery and resume load into them in place)."""
+        if self._named_state is None:
+            named = dict(self.pair.named_parameters())
+            named.update(self.pair.named_buffers())
+            self._named_state = (list(named), list(named.values()))
+        return self._named_state
 
     def _inputs(self, batch, beta, by_site, tensor_keys, site_names):
         _, state = self._state()
@@ -188,11 +192,10 @@ class CompiledStep:
         if stale:
             raise CaptureRefused(f"the step reads tensors that require gradients but are not parameters of the model or guide ({', '.join(stale[:3])})")
         if self.mode == "trace":
-            with preserved_rng(), torch.no_grad(), warnings.catch_warnings():
-                # torch.jit.trace is deprecated in favour of torch.compile, which costs seconds per
-                # capture on a CPU; the TorchScript replay costs nothing to build.
-                warnings.simplefilter("ignore", DeprecationWarning)
-                runner = torch.jit.trace(graph, tuple(t.detach() for t in example), check_trace=False)
+            # The graph's own Python code: one call per tensor operation, with torch's autograd.
+            # (A TorchScript replay of the same graph measured slower here: its backward and the
+            # optimizer step after it cost more than the Python it saves.)
+            runner = graph
         else:
             # fallback_random: draw with torch's own generator, so the draws are the eager step's.
             runner = torch.compile(graph, dynamic=False, options={"fallback_random": True})

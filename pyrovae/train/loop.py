@@ -103,7 +103,7 @@ class TrainConfig:
     aggressive_max_steps: int = 100
     aggressive_mi_examples: int = 1000
     # "none": the eager step. "trace": capture the objective's tensor operations once per batch
-    # signature and replay them with TorchScript, so Pyro's bookkeeping runs at capture time only;
+    # signature and replay them (one call per tensor operation), so Pyro's bookkeeping runs at capture time only;
     # "torch": the same graph through torch.compile (Inductor; seconds to minutes per signature).
     # Checked against the eager step on its first replay; falls back with a message where a pair
     # cannot be captured (see pyrovae.train.compiled).
