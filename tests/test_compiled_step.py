@@ -201,3 +201,37 @@ def test_torch_compile_mode_equals_the_eager_step(binary_batch):
     results, step, messages = eager_and_compiled(model, guide, objective, binary_batch, beta=0.5, mode="torch")
     assert step.active, messages
     assert_same(results)
+
+
+def test_batch_norm_running_statistics_are_updated_by_the_replay(binary_batch):
+    """Buffers are graph inputs, and their in-place updates are operations of the graph: the
+    replayed step moves the running statistics exactly as the eager step does."""
+    torch.manual_seed(0)
+    model, guide = tiny_pair(batch_norm=True)
+    model.train()
+    guide.train()
+    objective = ELBO()
+    objective(model, guide, binary_batch)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    assert norms
+    step = CompiledStep("trace", model, guide, objective, say=print)
+    start = norms[0].running_mean.clone()
+    torch.manual_seed(4)
+    step(binary_batch, 1.0, {})  # capture: the checked first replay moves the statistics once
+    assert step.active
+    captured = norms[0].running_mean.clone()
+    norms[0].running_mean.copy_(start)
+    torch.manual_seed(4)
+    objective(model, guide, binary_batch)
+    torch.testing.assert_close(captured, norms[0].running_mean)
+    before = [m.running_mean.clone() for m in norms]
+    torch.manual_seed(3)
+    step(binary_batch, 1.0, {})
+    replayed = [m.running_mean.clone() for m in norms]
+    for m, saved in zip(norms, before):
+        m.running_mean.copy_(saved)
+    torch.manual_seed(3)
+    objective(model, guide, binary_batch)
+    for m, got, old in zip(norms, replayed, before):
+        assert not torch.equal(got, old)
+        torch.testing.assert_close(got, m.running_mean)

@@ -188,6 +188,10 @@ class CompiledStep:
                         f"({_first_line(error)}), so one captured graph cannot stand for every batch"
                     ) from None
                 raise
+        # Pyro's bookkeeping leaves results nobody reads (log-density sums of the trace, scale
+        # products): drop them. Operations with effects (in-place updates, draws) stay.
+        graph.graph.eliminate_dead_code()
+        graph.recompile()
         stale = [name for name, value in _graph_constants(graph) if value.requires_grad]
         if stale:
             raise CaptureRefused(f"the step reads tensors that require gradients but are not parameters of the model or guide ({', '.join(stale[:3])})")
@@ -211,9 +215,14 @@ class CompiledStep:
         """The first replay of a signature, against the eager step on the same draws."""
         _, state = self._state()
         trainable = [t for t in state if t.requires_grad]
+        buffers = [t for t in state if not t.requires_grad]
+        saved = [t.clone() for t in buffers]
         with preserved_rng():
             eager_loss, eager_metrics = self.eager(batch, beta, by_site)
             eager_grads = torch.autograd.grad(eager_loss, trainable, allow_unused=True)
+        with torch.no_grad():  # the step moves running statistics once, in the replay
+            for tensor, value in zip(buffers, saved):
+                tensor.copy_(value)
         loss, metrics = self._replay(entry, batch, beta, by_site)
         grads = torch.autograd.grad(loss, trainable, allow_unused=True, retain_graph=True)
         problem = _difference("loss", eager_loss.detach(), loss.detach())
