@@ -32,6 +32,8 @@ def eager_and_compiled(model, guide, objective, batch, beta=1.0, by_site=None, m
     parameters = [p for module in (model, guide) for p in module.parameters()]
     messages = []
     step = CompiledStep(mode, model, guide, objective, say=messages.append)
+    step(batch, beta, by_site)  # first sight: eager
+    assert not step.graphs
     step(batch, beta, by_site)  # capture and checked first replay
     results = []
     for run in ("eager", "compiled"):
@@ -148,6 +150,7 @@ def test_a_model_branching_on_values_runs_eagerly_with_a_message(binary_batch):
     objective(model, guide, binary_batch)
     messages = []
     step = CompiledStep("trace", model, guide, objective, say=messages.append)
+    step(binary_batch, 1.0, {})
     torch.manual_seed(2)
     loss, _ = step(binary_batch, 1.0, {})
     torch.manual_seed(2)
@@ -165,6 +168,7 @@ def test_too_many_batch_shapes_fall_back(binary_batch):
     messages = []
     step = CompiledStep("trace", model, guide, objective, say=messages.append)
     for rows in range(2, MAX_SIGNATURES + 4):
+        step({"x": binary_batch["x"][:rows]}, 1.0, {})
         step({"x": binary_batch["x"][:rows]}, 1.0, {})
     assert not step.active and "distinct signatures" in messages[-1]
 
@@ -215,6 +219,8 @@ def test_batch_norm_running_statistics_are_updated_by_the_replay(binary_batch):
     norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
     assert norms
     step = CompiledStep("trace", model, guide, objective, say=print)
+    start = norms[0].running_mean.clone()
+    step(binary_batch, 1.0, {})  # first sight: eager
     start = norms[0].running_mean.clone()
     torch.manual_seed(4)
     step(binary_batch, 1.0, {})  # capture: the checked first replay moves the statistics once
