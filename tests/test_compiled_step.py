@@ -241,3 +241,12 @@ def test_batch_norm_running_statistics_are_updated_by_the_replay(binary_batch):
     for m, got, old in zip(norms, replayed, before):
         assert not torch.equal(got, old)
         torch.testing.assert_close(got, m.running_mean)
+
+
+def test_pyro_objectives_stay_eager_with_a_message(binary_batch):
+    from pyrovae.objectives.pyro_elbo import PyroELBO
+
+    model, guide = tiny_pair()
+    messages = []
+    step = CompiledStep("trace", model, guide, PyroELBO(), say=messages.append)
+    assert not step.active and "keeps state across calls" in messages[0]

@@ -43,6 +43,10 @@ class Objective:
     selection_metric: str = "elbo"
     # Whether the objective sums enumerated sites out exactly (else it refuses them).
     sums_out_enumeration: bool = False
+    # Whether one call is a pure function of the parameters, the batch and the random draws, so
+    # train.compile may capture it (see pyrovae.train.compiled). An objective that keeps state
+    # across calls or takes gradients inside its call sets False.
+    compilable: bool = True
 
     def __init__(self, max_plate_nesting: int | None = None):
         self.max_plate_nesting = max_plate_nesting

@@ -135,6 +135,9 @@ class PyroELBO(Objective):
     """
 
     pyro_class: type = pyro.infer.Trace_ELBO
+    # Pyro's classes may keep state across calls (TraceGraph_ELBO's decaying-average baselines)
+    # or take gradients in their call (loss_and_grads): the step stays eager under train.compile.
+    compilable = False
 
     def __init__(self, **options):
         super().__init__(options.pop("max_plate_nesting", None))

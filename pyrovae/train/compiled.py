@@ -82,11 +82,12 @@ class CompiledStep:
         self.check = check
         self.pair = _Pair(model, guide)
         self._named_state = None
-        self.graphs: dict[tuple, tuple[Callable, list[str]]] = {}
+        # signature -> (runner, metric names, batch tensor names, weighted site names)
+        self.graphs: dict[tuple, tuple] = {}
         self.sightings: dict[tuple, int] = {}
         self.disabled: str | None = None if mode != "none" else "train.compile = none"
         if self.disabled is None and getattr(objective, "compilable", True) is False:
-            self._disable(f"objective {getattr(objective, 'name', type(objective).__name__)!r} takes gradients inside its call")
+            self._disable(f"objective {getattr(objective, 'name', type(objective).__name__)!r} keeps state across calls or takes gradients inside its call")
 
     @property
     def active(self) -> bool:
