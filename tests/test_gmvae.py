@@ -206,6 +206,7 @@ def test_gmvae_trains_from_toml_and_reports_cluster_accuracy(tmp_path, capsys):
     assert records[-1]["valid/elbo"] > records[0]["valid/elbo"]
     # Chance with 10 balanced classes is about 0.1 (a little more after the best matching).
     assert 0.2 < final["test_cluster_accuracy"] <= 1.0
+    assert all(0.0 <= r["valid/cluster_accuracy"] <= 1.0 for r in records)
     assert 0.0 <= final["test_kl/y"] <= math.log(10) + 1e-4
     assert final["test_log_likelihood"] > final["test_elbo"] - 0.5
     assert main(["evaluate", str(run), "--particles", "5", "--no-progress"]) == 0, capsys.readouterr().err

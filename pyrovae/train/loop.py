@@ -35,6 +35,7 @@ from pyrovae.pair import check_pair
 from pyrovae.schedules import StepSchedules
 from pyrovae.traces import preserved_rng
 from pyrovae.train import distributed
+from pyrovae.analysis.classification import label_metrics
 from pyrovae.train.compiled import COMPILE_MODES, CompiledStep
 from pyrovae.train.strategies import STRATEGIES, AggressiveGuideUpdates
 from pyrovae.train.checkpoint import (
@@ -480,6 +481,9 @@ def fit(
                     inputs=schedules.input_values(state.step),
                     context=context,
                 )
+                # A part that classifies (M2's q(y | x)) or clusters: its accuracy on the
+                # validation labels, every epoch (empty for other pairs or unlabelled data).
+                valid_metrics.update(label_metrics(model, guide, data.valid, config.batch_size, schedules.input_values(state.step)))
             state.epoch += 1
             record = {
                 "epoch": state.epoch,
