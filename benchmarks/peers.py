@@ -7,6 +7,8 @@ one pass over the same 1,000 validation images:
 
 - ``plain``: a hand-written PyTorch loop (``PlainVAE`` of ``overhead.py``): the reference, 1.00x.
   Beyond the bare loop it clips the gradient norm, like pyrovae does by default.
+- ``plain_fused_adam``: the same loop with ``torch.optim.Adam(fused=True)``, the optimizer pyrovae
+  builds by default (``train.fused_optimizer``): it shows how much of a ratio is the optimizer.
 - ``pyrovae``: :func:`pyrovae.train.fit` with ``GaussianVAE`` + ``DiagonalNormalGuide`` and the
   ``elbo`` objective (or ``iwae`` with K=5). Beyond the bare loop it checks every split and the pair
   before the first step, validates Pyro's and torch's arguments on that step, clips, snapshots the
@@ -100,10 +102,10 @@ def plain_softplus_encoder(encoder: nn.Module):
 # --- implementations: each returns (seconds, common test ELBO) ---------------------------------
 
 
-def run_plain(data: DataSplits, particles: int, iwae: bool) -> tuple[float, float]:
+def run_plain(data: DataSplits, particles: int, iwae: bool, fused: bool = False) -> tuple[float, float]:
     started = time.perf_counter()
     network = PlainVAE()
-    optimizer = torch.optim.Adam(network.parameters(), lr=LR)
+    optimizer = torch.optim.Adam(network.parameters(), lr=LR, fused=fused or None)
     for batch in data.batches("train", BATCH, shuffle=True):
         loss = network.loss(batch["x"], particles, iwae)
         optimizer.zero_grad(set_to_none=True)
@@ -115,6 +117,10 @@ def run_plain(data: DataSplits, particles: int, iwae: bool) -> tuple[float, floa
     assert math.isfinite(valid)
     seconds = time.perf_counter() - started
     return seconds, common_test_elbo(plain_softplus_encoder(network.encoder), network.decoder, data.test["x"][:TEST])
+
+
+def run_plain_fused_adam(data: DataSplits, particles: int, iwae: bool) -> tuple[float, float]:
+    return run_plain(data, particles, iwae, fused=True)
 
 
 def run_pyrovae(data: DataSplits, particles: int, iwae: bool, compile: str = "none") -> tuple[float, float]:
@@ -215,7 +221,13 @@ def run_pythae(data: DataSplits, particles: int, iwae: bool) -> tuple[float, flo
 
 
 def available() -> dict:
-    runs = {"plain": run_plain, "pyrovae": run_pyrovae, "pyrovae_trace": run_pyrovae_trace, "pyro_svi": run_pyro_svi}
+    runs = {
+        "plain": run_plain,
+        "plain_fused_adam": run_plain_fused_adam,
+        "pyrovae": run_pyrovae,
+        "pyrovae_trace": run_pyrovae_trace,
+        "pyro_svi": run_pyro_svi,
+    }
     try:
         import pythae  # noqa: F401
 
@@ -240,7 +252,7 @@ def main(argv=None) -> dict:
     objectives = [("elbo", 1, False), ("iwae_k5", 5, True)]
     objectives = [o for o in objectives if args.objective == "both" or o[0].startswith(args.objective)]
     for label, particles, iwae in objectives:
-        runs = {name: run for name, run in available().items() if not iwae or name in ("plain", "pyrovae", "pyrovae_trace")}
+        runs = {name: run for name, run in available().items() if not iwae or name in ("plain", "plain_fused_adam", "pyrovae", "pyrovae_trace")}
         times = {name: [] for name in runs}
         elbos = {name: [] for name in runs}
         names = list(runs)
@@ -255,7 +267,7 @@ def main(argv=None) -> dict:
             ratio = statistics.median(ours / plain for ours, plain in zip(times[name], times["plain"]))
             results[f"{label}/{name}"] = ratio
             print(
-                f"  {name:9s} median epoch {statistics.median(times[name]):6.2f} s  ratio {ratio:.3f}  "
+                f"  {name:16s} median epoch {statistics.median(times[name]):6.2f} s  ratio {ratio:.3f}  "
                 f"test ELBO {statistics.median(elbos[name]):8.2f}  (times {[round(t, 2) for t in times[name]]})"
             )
     print("ratios: " + " ".join(f"{key}={value:.3f}" for key, value in results.items()))
