@@ -28,8 +28,12 @@ seen once is not worth its capture):
    outside the model's parameters, the step falls back to eager for the rest of the run, with a
    message saying why.
 
-What stays eager: the first step (it runs with argument validation on), objectives that take
-gradients inside their call (``pyro:`` wrappers around ``loss_and_grads``), aggressive mode's
+Scheduled numbers in the batch (a Gumbel temperature, word dropout's keep probability) are
+inputs too, as 0-dim tensors, so their schedules change no capture.
+
+What stays eager: the first step (it runs with argument validation on), objectives that are not
+``compilable`` (``pyro:`` objectives: Pyro's classes keep baselines across calls or take
+gradients in their call), aggressive mode's
 guide-only steps, ``precision = "bf16"``, and a run whose batches keep changing signature (more
 than ``MAX_SIGNATURES``: text batches trimmed to their longest row, say). The optimizer step
 and gradient clipping run eagerly after the replayed forward and backward.
@@ -37,6 +41,7 @@ and gradient clipping run eagerly after the replayed forward and backward.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, Mapping
 
@@ -55,9 +60,18 @@ MAX_SIGNATURES = 8
 CAPTURE_AT = 2
 
 
+def scaling(beta: float, by_site: dict[str, float]):
+    """kl_scale for these betas, or nothing when every one is 1 (no handler on the stack)."""
+    if by_site:
+        if beta == 1.0 and all(value == 1.0 for value in by_site.values()):
+            return contextlib.nullcontext()
+        return kl_scale(by_site, default=beta)
+    return kl_scale(beta) if beta != 1.0 else contextlib.nullcontext()
+
+
 class _Pair(torch.nn.Module):
-    """Model and guide under one root, so one ``functional_call`` swaps the parameters and
-    buffers of both (a module the guide shares with the model is swapped once: tied)."""
+    """Model and guide under one root, so their parameters and buffers are named (each once, also
+    where the guide reuses a module of the model) and swapped together (:func:`_call_swapped`)."""
 
     def __init__(self, model, guide):
         super().__init__()
@@ -100,9 +114,7 @@ class CompiledStep:
     # -- eager --------------------------------------------------------------------------------
 
     def eager(self, batch: Mapping, beta: float, by_site: Mapping[str, float]):
-        from pyrovae.train.loop import _scaling
-
-        with _scaling(beta, by_site):
+        with scaling(beta, by_site):
             return self.objective(self.model, self.guide, batch)
 
     # -- compiled -----------------------------------------------------------------------------
@@ -141,6 +153,8 @@ class CompiledStep:
             value = batch[name]
             if torch.is_tensor(value):
                 items.append((name, tuple(value.shape), value.dtype, value.device.type, value.device.index, value.layout))
+            elif _is_scheduled_number(value):
+                items.append((name, "number"))  # an input of the graph: its value is not part of the key
             else:
                 items.append((name, "value", repr(value)))
         return (tuple(items), tuple(sorted(by_site)), self.model.training, self.guide.training, torch.is_grad_enabled())
@@ -158,16 +172,19 @@ class CompiledStep:
         _, state = self._state()
         device = state[0].device if state else None
         weights = [torch.as_tensor(float(beta), device=device)] + [torch.as_tensor(float(by_site[s]), device=device) for s in site_names]
-        return [*state, *(batch[k] for k in tensor_keys), *weights]
+        tensors = [batch[k] if torch.is_tensor(batch[k]) else torch.as_tensor(float(batch[k]), device=device) for k in tensor_keys]
+        return [*state, *tensors, *weights]
 
     def _capture(self, batch: Mapping, by_site: Mapping[str, float]):
         from torch.fx.experimental.proxy_tensor import make_fx
 
         names, state = self._state()
-        tensor_keys = [k for k in sorted(batch) if torch.is_tensor(batch[k])]
-        if any(batch[k].layout != torch.strided for k in tensor_keys):
+        # Batch tensors, and scheduled numbers (a temperature, word dropout's keep probability) as
+        # 0-dim tensors, are inputs; other values are constants of the capture (and of its key).
+        tensor_keys = [k for k in sorted(batch) if torch.is_tensor(batch[k]) or _is_scheduled_number(batch[k])]
+        if any(torch.is_tensor(batch[k]) and batch[k].layout != torch.strided for k in tensor_keys):
             raise CaptureRefused("the batch holds sparse tensors")
-        constants = {k: v for k, v in batch.items() if not torch.is_tensor(v)}
+        constants = {k: v for k, v in batch.items() if k not in tensor_keys}
         site_names = sorted(by_site)
         metric_keys: list[str] = []
         pair, objective = self.pair, self.objective
@@ -180,7 +197,7 @@ class CompiledStep:
             run_batch = {**constants, **tensors}
 
             def run(model, guide):
-                with kl_scale(dict(zip(site_names, site_betas)), default=beta) if site_names else kl_scale(beta):
+                with kl_scale(dict(zip(site_names, site_betas)), default=beta):
                     return objective(model, guide, run_batch)
 
             loss, metrics = _call_swapped(pair, swapped, run)
@@ -267,6 +284,10 @@ def _call_swapped(pair: _Pair, swapped: dict, run):
     finally:
         for table, key, tensor in slots:
             table[key] = tensor
+
+
+def _is_scheduled_number(value) -> bool:
+    return isinstance(value, float)
 
 
 def _graph_constants(graph: torch.fx.GraphModule):

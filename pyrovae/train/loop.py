@@ -30,13 +30,12 @@ from tqdm.auto import tqdm
 
 from pyrovae.data.splits import DataSplits, check_splits
 from pyrovae.errors import ConfigError, NonFiniteLossError
-from pyrovae.handlers import kl_scale
 from pyrovae.pair import check_pair
 from pyrovae.schedules import StepSchedules
 from pyrovae.traces import preserved_rng
 from pyrovae.train import distributed
 from pyrovae.analysis.classification import label_metrics
-from pyrovae.train.compiled import COMPILE_MODES, CompiledStep
+from pyrovae.train.compiled import COMPILE_MODES, CompiledStep, scaling as _scaling
 from pyrovae.train.strategies import STRATEGIES, AggressiveGuideUpdates
 from pyrovae.train.checkpoint import (
     BEST,
@@ -676,15 +675,6 @@ def _epoch_order(data: DataSplits, context) -> torch.Tensor:
 def _set_validation(on: bool) -> None:
     pyro.enable_validation(on)
     torch.distributions.Distribution.set_default_validate_args(on)
-
-
-def _scaling(beta: float, by_site: dict[str, float]):
-    """kl_scale for these betas, or nothing when every one is 1 (no handler on the stack)."""
-    if by_site:
-        if beta == 1.0 and all(value == 1.0 for value in by_site.values()):
-            return contextlib.nullcontext()
-        return kl_scale(by_site, default=beta)
-    return kl_scale(beta) if beta != 1.0 else contextlib.nullcontext()
 
 
 def _postfix(schedules: StepSchedules, step: int) -> dict[str, str]:
