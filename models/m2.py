@@ -10,6 +10,8 @@ from torch.nn import functional as F
 from pyrovae.distributions import StandardNormal
 from pyrovae.likelihoods import build_likelihood
 from pyrovae.nn import MLP, check_sizes
+from pyrovae.nn.augment import random_shift
+from pyrovae.nn.conv import ConvNet
 from pyrovae.nn.split_input import SplitInputMLP
 from pyrovae.pair import DataSpec, LatentSite, Model
 from pyrovae.registry import MODELS
@@ -23,6 +25,14 @@ class M2Config:
     # Classifier q(y | x): x -> classifier_hidden -> C logits. It lives here because the
     # classification term of the training objective reads it; the guide reuses it.
     classifier_hidden: list[int] = field(default_factory=lambda: [500])
+    # [] (the default): the classifier is the MLP above on the flattened pixels. A list of channel
+    # counts makes it a small convolutional network on the image (pyrovae.nn.conv.ConvNet: one
+    # 5x5 stride-2 convolution per entry, then classifier_hidden), e.g. [16, 32] for MNIST.
+    classifier_channels: list[int] = field(default_factory=list)
+    # The classification term reads each labelled image moved by up to this many pixels along
+    # each axis (pyrovae.nn.augment.random_shift), drawn afresh each step; training only, and the
+    # bound itself always reads x as it is. 0 (the default) is Kingma et al.'s term.
+    classifier_shift: int = 0
     activation: str = "softplus"
     likelihood: str = "bernoulli"
     # Weight of alpha * log q(y_n | x_n) per labelled row, relative to that row's bound (Pyro's
@@ -31,9 +41,14 @@ class M2Config:
     alpha: float = 50.0
 
     def __post_init__(self):
-        check_sizes(latent_dim=self.latent_dim, hidden=self.hidden, classifier_hidden=self.classifier_hidden)
+        check_sizes(
+            latent_dim=self.latent_dim, hidden=self.hidden, classifier_hidden=self.classifier_hidden,
+            classifier_channels=self.classifier_channels,
+        )
         if not len(self.hidden) >= 1:
             raise ValueError("hidden = [] is not allowed: the decoder needs at least one hidden layer")
+        if isinstance(self.classifier_shift, bool) or not isinstance(self.classifier_shift, int) or self.classifier_shift < 0:
+            raise ValueError(f"classifier_shift = {self.classifier_shift!r} is not allowed: it must be an integer >= 0")
         if not (self.alpha >= 0 and self.alpha < float("inf")):
             raise ValueError(f"alpha = {self.alpha!r} is not allowed: it must be a finite number >= 0")
 
@@ -54,9 +69,12 @@ class M2(Model):
 
         + alpha * log q(y_n | x_n)                (a ``pyro.factor`` named y_aux)
 
-    with q(y | x) = Categorical(softmax(classifier(x_n))). It is a term of the training objective,
-    not of p(x, y, z), so it is added in training mode only: validation and test bounds (and the
-    log-likelihood) are bounds on log p(x) (or log p(x, y)); ``train/elbo`` includes it.
+    with q(y | x) = Categorical(softmax(classifier(x_n))), the classifier an MLP on the pixels or,
+    with ``classifier_channels``, a small convolutional network on the image. It is a term of the
+    training objective, not of p(x, y, z), so it is added in training mode only: validation and test
+    bounds (and the log-likelihood) are bounds on log p(x) (or log p(x, y)); ``train/elbo`` includes it.
+    With ``classifier_shift = s`` the term reads alpha * log q(y_n | x'_n), x'_n the image x_n moved
+    by up to s pixels along each axis, drawn each step: a regulariser of the classifier, not of the bound.
     """
 
     Config = M2Config
@@ -71,7 +89,16 @@ class M2(Model):
         self.decoder = SplitInputMLP(
             (config.latent_dim, self.classes), config.hidden, self.likelihood.out_features, activation=config.activation
         )
-        self.classifier = MLP(data.x_features, config.classifier_hidden, self.classes, activation=config.activation)
+        if (config.classifier_channels or config.classifier_shift) and data.image_shape is None:
+            option = "classifier_channels" if config.classifier_channels else "classifier_shift"
+            raise ValueError(f"{option} needs image data; data set {data.name!r} has no image_shape")
+        self.image_shape = data.image_shape
+        if config.classifier_channels:
+            self.classifier = ConvNet(
+                data.image_shape, config.classifier_channels, config.classifier_hidden, self.classes, activation=config.activation
+            )
+        else:
+            self.classifier = MLP(data.x_features, config.classifier_hidden, self.classes, activation=config.activation)
 
     @property
     def latent_sites(self):
@@ -95,5 +122,6 @@ class M2(Model):
             # label: (B,), or (C, 1.., B) when enumerated; the decoder broadcasts it against z's dims.
             pyro.sample("x", self.likelihood(self.decoder(z, F.one_hot(label, classes).to(x.dtype))), obs=x)
             if self.training and self.config.alpha > 0:
-                log_q = self.classifier_logits(x).log_softmax(-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+                seen = random_shift(x.reshape(rows, -1), self.image_shape, self.config.classifier_shift) if self.config.classifier_shift else x
+                log_q = self.classifier_logits(seen).log_softmax(-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
                 pyro.factor("y_aux", self.config.alpha * torch.where(y_mask, log_q, torch.zeros_like(log_q)))

@@ -117,6 +117,28 @@ def test_enumerated_m2_step_is_captured_and_equal():
     assert float(results[1][1]["elbo"]) != float(results[1][0])
 
 
+def test_m2_with_a_convolutional_shifted_classifier_is_captured_and_equal():
+    """The random shifts of the classification term are graph operations: each replay draws the
+    eager step's shifts from the same random state."""
+    from pyrovae.guides import M2Guide, M2GuideConfig
+    from pyrovae.models import M2, M2Config
+    from pyrovae.pair import DataSpec
+
+    spec = DataSpec("tiny_images", (36,), "binary", image_shape=(6, 6), num_classes=3)
+    torch.manual_seed(0)
+    config = M2Config(latent_dim=2, hidden=[8], classifier_hidden=[8], classifier_channels=[4], classifier_shift=1, alpha=2.0)
+    model = M2(config, spec)
+    guide = M2Guide(M2GuideConfig(hidden=[8]), spec, model)
+    batch = {"x": torch.bernoulli(torch.full((5, 36), 0.3)), "y": torch.tensor([0, 1, 2, 0, 1]),
+             "y_mask": torch.tensor([True, False, True, True, False])}
+    results, step, messages = eager_and_compiled(model, guide, EnumELBO(), batch)
+    assert step.active, messages
+    assert_same(results)
+    # another random state, other shifts: the classification term (and so the loss) moves
+    torch.manual_seed(6)
+    assert float(step(batch, 1.0, {})[0]) != float(results[1][0])
+
+
 class BranchOnData(Model):
     """A model whose Python control flow reads a tensor's value: it cannot be captured."""
 
