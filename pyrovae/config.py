@@ -73,7 +73,7 @@ SCHEDULE_SECTIONS = ("schedules",)
 
 # Settings that do not change the model, the data's content or the optimization already done:
 # `evaluate`, `sample` and `--resume` accept them with --set (e.g. data moved to another folder).
-PORTABLE_SETTINGS = ("data.dir", "data.download", "data.vocabulary", "train.device", "train.compile", "evaluate.")
+PORTABLE_SETTINGS = ("data.dir", "data.download", "data.vocabulary", "train.device", "train.compile", "train.flush_denormal", "evaluate.")
 # A resume may also raise the epochs, and change the step size and clipping (e.g. after the
 # non-finite guard stopped a run).
 RESUMABLE_SETTINGS = PORTABLE_SETTINGS + (

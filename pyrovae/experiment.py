@@ -51,6 +51,7 @@ from pyrovae.traces import preserved_rng
 from pyrovae.registry import SCHEDULES
 from pyrovae.schedules import StepSchedules
 from pyrovae.train import distributed
+from pyrovae.train.denormals import denormals_flushed
 from pyrovae.train import (
     BEST,
     LATEST,
@@ -239,7 +240,7 @@ class Experiment:
         run_dir = Path(run_dir)
         # Under torchrun every rank joins the job here; only rank 0 takes the folder and writes into it.
         context = distributed.setup(self.train_config.device)
-        with distributed.main_holds(context, lambda: locked_run_folder(run_dir)):
+        with distributed.main_holds(context, lambda: locked_run_folder(run_dir)), denormals_flushed(self.train_config.flush_denormal):
             return self._train_locked(run_dir, resume, progress and context.is_main)
 
     def _check_run_folder(self, run_dir: Path, resume: bool) -> None:
@@ -336,7 +337,12 @@ class Experiment:
 
         The draws come from a generator seeded with the experiment's ``seed`` (the training RNG is
         left as it was), so ``final.json`` and ``pyrovae evaluate`` give the same numbers for the
-        same checkpoint and settings."""
+        same checkpoint and settings. Subnormal floats are flushed to zero while it runs
+        (``train.flush_denormal``)."""
+        with denormals_flushed(self.train_config.flush_denormal):
+            return self._test_metrics(particles, progress)
+
+    def _test_metrics(self, particles: int | None, progress: bool) -> dict:
         evaluate = self.evaluate_config
         particles = evaluate.particles if particles is None else particles
         if particles < 1:

@@ -129,3 +129,38 @@ def test_train_config_rejects_bad_values():
         TrainConfig(optimizer="adamax2")
     with pytest.raises(ValueError, match="train.device"):
         TrainConfig(device="tpu")
+
+
+class WatchingELBO(ELBO):
+    """An ELBO that records, at each call, whether subnormal floats are being flushed to zero."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def __call__(self, model, guide, batch):
+        from pyrovae.train.denormals import flushing_denormals
+
+        self.seen.add(flushing_denormals())
+        return super().__call__(model, guide, batch)
+
+
+@pytest.mark.parametrize("flush", [True, False])
+def test_subnormals_are_flushed_while_fitting_and_the_setting_is_restored(flush):
+    from pyrovae.train.denormals import denormals_flushed, flushing_denormals
+
+    assert not flushing_denormals()
+    subnormal = torch.tensor([1e-30]) * 1e-10
+    assert subnormal.item() != 0.0  # torch's default: computed, slowly
+    with denormals_flushed():
+        assert flushing_denormals() and (torch.tensor([1e-30]) * 1e-10).item() == 0.0
+        with denormals_flushed():
+            pass
+        assert flushing_denormals()  # a nested block restores what it found
+    assert not flushing_denormals()
+
+    experiment = Experiment.from_config(tiny_experiment(train={"epochs": 1, "flush_denormal": flush}))
+    objective = WatchingELBO()
+    fit(experiment.model, experiment.guide, objective, experiment.data, experiment.train_config, progress=False)
+    assert objective.seen == {flush}
+    assert not flushing_denormals()

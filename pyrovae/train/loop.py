@@ -35,6 +35,7 @@ from pyrovae.schedules import StepSchedules
 from pyrovae.traces import preserved_rng
 from pyrovae.train import distributed
 from pyrovae.analysis.classification import label_metrics
+from pyrovae.train.denormals import denormals_flushed
 from pyrovae.train.compiled import COMPILE_MODES, CompiledStep, scaling as _scaling
 from pyrovae.train.strategies import STRATEGIES, AggressiveGuideUpdates
 from pyrovae.train.checkpoint import (
@@ -72,6 +73,9 @@ class TrainConfig:
     # Adam and AdamW update every parameter in one fused kernel (torch's fused=True; the same
     # algorithm, with float rounding of its own). False: torch's default per-parameter loop.
     fused_optimizer: bool = True
+    # Flush subnormal floats to zero on the CPU while training and evaluating (torch's
+    # set_flush_denormal; see pyrovae.train.denormals): computing on them can slow a CPU run several times.
+    flush_denormal: bool = True
     weight_decay: float = 0.0
     # Clip the global gradient norm (of the per-datapoint loss); 0 turns clipping off.
     clip_norm: float = 100.0
@@ -332,7 +336,32 @@ def fit(
     Under ``torchrun`` (``WORLD_SIZE > 1``) every rank calls ``fit`` with the same arguments: see
     :mod:`pyrovae.train.distributed`. ``config.batch_size`` is the global batch, shared out across
     the ranks; gradients are averaged, metrics reduced, and only rank 0 writes ``run_dir``.
+
+    While it runs, subnormal floats are flushed to zero (``config.flush_denormal``; see
+    :mod:`pyrovae.train.denormals`); the setting is restored on return.
     """
+    with denormals_flushed(config.flush_denormal):
+        return _fit(
+            model, guide, objective, data, config, anneal=anneal, anneal_sites=anneal_sites, inputs=inputs,
+            run_dir=run_dir, resume=resume, progress=progress, fingerprint=fingerprint,
+        )
+
+
+def _fit(
+    model,
+    guide,
+    objective: Callable,
+    data: DataSplits,
+    config: TrainConfig,
+    *,
+    anneal: Callable[[int], float] | None = None,
+    anneal_sites: Mapping[str, Callable[[int], float]] | None = None,
+    inputs: Mapping[str, Callable[[int], float]] | None = None,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    fingerprint: dict | None = None,
+) -> FitResult:
     context = distributed.setup(config.device)
     say = _say if context.is_main else _quiet
     schedules = StepSchedules.for_pair(model, guide, anneal, anneal_sites, inputs)
