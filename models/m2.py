@@ -9,9 +9,7 @@ from torch.nn import functional as F
 
 from pyrovae.distributions import StandardNormal
 from pyrovae.likelihoods import build_likelihood
-from pyrovae.nn import MLP, check_sizes
-from pyrovae.nn.augment import random_shift
-from pyrovae.nn.conv import ConvNet
+from pyrovae.nn import MLP, ConvNet, check_sizes, random_shift
 from pyrovae.nn.split_input import SplitInputMLP
 from pyrovae.pair import DataSpec, LatentSite, Model
 from pyrovae.registry import MODELS
