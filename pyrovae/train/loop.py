@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import sys
 import time
@@ -302,6 +303,19 @@ class _NonFinite(Exception):
         self.step, self.terms = step, terms
 
 
+def _flushing_denormals(function: Callable) -> Callable:
+    """``function(model, guide, objective, data, config, ...)`` run with subnormal floats flushed to
+    zero as ``config.flush_denormal`` says (:func:`pyrovae.train.denormals.denormals_flushed`)."""
+
+    @functools.wraps(function)
+    def run(model, guide, objective, data, config, **options):
+        with denormals_flushed(config.flush_denormal):
+            return function(model, guide, objective, data, config, **options)
+
+    return run
+
+
+@_flushing_denormals
 def fit(
     model,
     guide,
@@ -340,28 +354,6 @@ def fit(
     While it runs, subnormal floats are flushed to zero (``config.flush_denormal``; see
     :mod:`pyrovae.train.denormals`); the setting is restored on return.
     """
-    with denormals_flushed(config.flush_denormal):
-        return _fit(
-            model, guide, objective, data, config, anneal=anneal, anneal_sites=anneal_sites, inputs=inputs,
-            run_dir=run_dir, resume=resume, progress=progress, fingerprint=fingerprint,
-        )
-
-
-def _fit(
-    model,
-    guide,
-    objective: Callable,
-    data: DataSplits,
-    config: TrainConfig,
-    *,
-    anneal: Callable[[int], float] | None = None,
-    anneal_sites: Mapping[str, Callable[[int], float]] | None = None,
-    inputs: Mapping[str, Callable[[int], float]] | None = None,
-    run_dir: str | Path | None = None,
-    resume: bool = False,
-    progress: bool = True,
-    fingerprint: dict | None = None,
-) -> FitResult:
     context = distributed.setup(config.device)
     say = _say if context.is_main else _quiet
     schedules = StepSchedules.for_pair(model, guide, anneal, anneal_sites, inputs)
