@@ -1,5 +1,5 @@
 """The classifier check of a label-conditioned generator run (``label_cvae``, e.g. of
-``experiments/conditional_fashion.toml``):
+``experiments/conditional_fashion.toml``; also M2's p(x | y, z) of ``experiments/m2_mnist.toml``):
 
 1. a logistic regression (scikit-learn) is trained on the run's real training images (grey levels,
    the training split without the validation rows);
@@ -16,6 +16,7 @@ and a grid with one row per class is written (``--grid``, default RUN_DIR/classe
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -34,11 +35,16 @@ CLASS_NAMES = {
 
 def grey_level_splits(experiment: Experiment) -> DataSplits:
     """The run's data loaded again with ``binarize = "none"``: the same rows in the same splits (the
-    split is seeded), as grey levels."""
+    split is seeded), as grey levels, and with every training label (a semi-supervised run, such as
+    M2's, hid all but ``labels_per_class`` of them; the judging classifier needs them all)."""
     table = dict(experiment.config["data"])
     name = table.pop("name")
+    loader = DATASETS.resolve(name, "[data] name")
     table["binarize"] = "none"
-    return check_loader_result(DATASETS.resolve(name, "[data] name")(**table), name)
+    for hiding in ("labels_per_class", "labelled_per_batch"):
+        if hiding in inspect.signature(loader).parameters:
+            table[hiding] = 0
+    return check_loader_result(loader(**table), name)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -388,3 +388,24 @@ def test_accuracy_hook_counts_argmax_matches():
     y = torch.tensor([0, 1, 2, 0, 1])
     assert label_metrics(torch.nn.Module(), Classifier(), {"x": x, "y": y}, batch_size=2) == {"accuracy": 0.6}
     assert label_metrics(torch.nn.Module(), torch.nn.Module(), {"x": x, "y": y}) == {}
+
+
+def test_samples_of_requested_labels_reach_m2_with_every_label_observed():
+    """analysis.label_samples / class_grid mark every requested label observed (y_mask) for a model
+    that takes one, so M2's p(x | y, z) draws rows of the class asked for."""
+    from pyrovae.analysis.conditional import class_grid, label_samples
+
+    spec = DataSpec("tiny_images", (FEATURES,), "binary", image_shape=(2, 3), num_classes=CLASSES)
+    torch.manual_seed(0)
+    model = M2(M2Config(latent_dim=2, hidden=[8], classifier_hidden=[8]), spec)
+    with torch.no_grad():  # a decoder where the label decides the pixels: class c lights pixel c
+        model.decoder.first[0].weight.zero_()
+        model.decoder.first[1].weight.copy_(torch.eye(CLASSES).repeat(3, 1)[:8] * 5)
+    labels = torch.tensor([0, 1, 2, 2])
+    means = label_samples(model, labels, FEATURES)
+    assert means.shape == (4, FEATURES)
+    torch.manual_seed(0)
+    again = label_samples(model, torch.tensor([1, 1, 0, 0]), FEATURES)
+    assert not torch.allclose(means, again)  # the label changes the samples
+    path = class_grid(model, Path(__import__("tempfile").mkdtemp()) / "classes.png", CLASSES, (2, 3), per_class=2)
+    assert path.stat().st_size > 100

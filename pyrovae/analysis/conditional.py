@@ -17,6 +17,7 @@ model's observed site (:func:`pyrovae.analysis.plots.observation_means`):
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -78,10 +79,13 @@ def completion_grid(
 
 def label_samples(model, labels: torch.Tensor, features: int, inputs: Mapping[str, float] | None = None) -> torch.Tensor:
     """(N, features): the mean of p(x | z, y_n) with z_n from the prior, for each requested label y_n
-    (integer classes (N,), or multi-hot rows (N, C)). ``x`` is a placeholder: the prior path never reads it."""
+    (integer classes (N,), or multi-hot rows (N, C)). ``x`` is a placeholder: the prior path never reads it.
+    A model that takes ``y_mask`` (semi-supervised ones, such as M2) gets every label marked observed."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     labels = labels.to(device)
     batch = {"x": torch.zeros(labels.shape[0], features, device=device), "y": labels, **dict(inputs or {})}
+    if "y_mask" in inspect.signature(model.forward).parameters:
+        batch["y_mask"] = torch.ones(labels.shape[0], dtype=torch.bool, device=device)
     return prior_predictive_means(model, batch, 1)[0]
 
 
