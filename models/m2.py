@@ -120,6 +120,6 @@ class M2(Model):
             # label: (B,), or (C, 1.., B) when enumerated; the decoder broadcasts it against z's dims.
             pyro.sample("x", self.likelihood(self.decoder(z, F.one_hot(label, classes).to(x.dtype))), obs=x)
             if self.training and self.config.alpha > 0:
-                seen = random_shift(x.reshape(rows, -1), self.image_shape, self.config.classifier_shift) if self.config.classifier_shift else x
+                seen = random_shift(x.reshape(rows, -1), self.image_shape, self.config.classifier_shift)  # x itself at 0
                 log_q = self.classifier_logits(seen).log_softmax(-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
                 pyro.factor("y_aux", self.config.alpha * torch.where(y_mask, log_q, torch.zeros_like(log_q)))
