@@ -7,6 +7,7 @@ import pyro.distributions as dist
 import torch
 from torch.nn import functional as F
 
+from pyrovae.errors import DataError
 from pyrovae.distributions import DiagonalNormal
 from pyrovae.models.m2 import M2
 from pyrovae.nn import check_sizes
@@ -66,7 +67,10 @@ class M2Guide(Guide):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, y_mask: torch.Tensor | None = None, **batch):
         if y_mask is None:
-            raise ValueError("M2Guide needs y_mask in the batch (which labels are observed): set data.labels_per_class > 0")
+            raise DataError(
+                f"M2Guide needs y_mask in the batch (which labels are observed; the batch has {sorted(['x', 'y', *batch])}): "
+                "set data.labels_per_class > 0 with a built-in loader, or give y_mask (bool, (B,)) from your own"
+            )
         flat = x.reshape(x.shape[0], -1)
         logits = self.classifier(flat)
         infer = {"enumerate": "parallel"} if self.config.enumerate else {}

@@ -7,6 +7,7 @@ import pyro.distributions as dist
 import torch
 from torch.nn import functional as F
 
+from pyrovae.errors import DataError
 from pyrovae.distributions import StandardNormal
 from pyrovae.likelihoods import build_likelihood
 from pyrovae.nn import MLP, ConvNet, check_sizes, random_shift
@@ -111,7 +112,10 @@ class M2(Model):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, y_mask: torch.Tensor | None = None, **batch):
         if y_mask is None:
-            raise ValueError("M2 needs y_mask in the batch (which labels are observed): set data.labels_per_class > 0")
+            raise DataError(
+                f"M2 needs y_mask in the batch (which labels are observed; the batch has {sorted(['x', 'y', *batch])}): "
+                "set data.labels_per_class > 0 with a built-in loader, or give y_mask (bool, (B,)) from your own"
+            )
         rows, classes = x.shape[0], self.classes
         with pyro.plate("data", rows, device=x.device):
             uniform = x.new_zeros((rows, classes))

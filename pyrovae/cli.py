@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pyrovae
-from pyrovae.config import load_experiment
+from pyrovae.config import PORTABLE_SETTINGS, load_experiment
 from pyrovae.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, PairMismatchError
 from pyrovae.experiment import Experiment
 from pyrovae.train import distributed
@@ -41,9 +41,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pyrovae {pyrovae.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     device_help = "auto, cpu, cuda or cuda:N (the same as --set train.device=...)"
+    portable = ", ".join(key + "*" if key.endswith(".") else key for key in PORTABLE_SETTINGS)
     portable_help = (
-        "change a setting that does not change the trained run (TOML syntax): data.dir, data.download, "
-        "train.device, evaluate.*; e.g. --set data.dir=/new/place/of/the/data"
+        f"change a setting that does not change the trained run (TOML syntax): {portable}; "
+        "e.g. --set data.dir=/new/place/of/the/data"
     )
 
     train = commands.add_parser(
@@ -58,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
         "--resume",
         action="store_true",
         help="continue the run in --out from its latest checkpoint (it may raise train.epochs and change train.lr, "
-        "train.clip_norm, data.dir, the device and evaluate.*)",
+        f"train.guide_lr, train.clip_norm, and {portable})",
     )
     train.add_argument("--device", help=device_help)
     train.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -409,3 +409,19 @@ def test_samples_of_requested_labels_reach_m2_with_every_label_observed():
     assert not torch.allclose(means, again)  # the label changes the samples
     path = class_grid(model, Path(__import__("tempfile").mkdtemp()) / "classes.png", CLASSES, (2, 3), per_class=2)
     assert path.stat().st_size > 100
+
+
+def test_m2_without_y_mask_stops_with_one_line(tmp_path, capsys):
+    experiment = {
+        "seed": 0,
+        "data": {"name": "digits"},  # labels, but no y_mask: nothing says which are observed
+        "model": {"name": "m2", "latent_dim": 4, "hidden": [16], "classifier_hidden": [16]},
+        "guide": {"name": "m2", "hidden": [16]},
+        "objective": {"name": "enum_elbo"},
+        "train": {"epochs": 1},
+    }
+    path = tmp_path / "m2.toml"
+    path.write_text(dump_toml(experiment))
+    assert main(["train", str(path), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "needs y_mask" in err and "labels_per_class > 0" in err
