@@ -92,6 +92,11 @@ class M2(Model):
             option = "classifier_channels" if config.classifier_channels else "classifier_shift"
             raise ValueError(f"{option} needs image data; data set {data.name!r} has no image_shape")
         self.image_shape = data.image_shape
+        if config.classifier_shift and config.classifier_shift >= min(data.image_shape[-2:]):
+            raise ValueError(
+                f"classifier_shift = {config.classifier_shift} is not allowed for {data.name!r}: a shift must be smaller "
+                f"than the image ({'x'.join(map(str, data.image_shape[-2:]))}), or every shifted image is empty"
+            )
         if config.classifier_channels:
             self.classifier = ConvNet(
                 data.image_shape, config.classifier_channels, config.classifier_hidden, self.classes, activation=config.activation

@@ -141,7 +141,8 @@ def describe(annotation) -> str:
         return " or ".join(describe(a) for a in typing.get_args(annotation))
     if origin is list:
         (item,) = typing.get_args(annotation) or (Any,)
-        return f"a list of {describe(item)}"
+        plural = {int: "integers", float: "numbers", str: "strings", bool: "true/false values", dict: "tables"}
+        return f"a list of {plural.get(item, describe(item))}"
     if annotation is type(None):
         return "none (leave the key out)"
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a table"}.get(

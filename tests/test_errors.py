@@ -22,7 +22,7 @@ from tests.conftest import tiny_experiment, tiny_pair
     [
         ({"model": {"name": "vea"}}, r"\[model\] name: unknown model 'vea'; registered: .*\bvae\b"),
         ({"model": {"latent_dim": "big"}}, r"\[model\] latent_dim = 'big': expected an integer"),
-        ({"model": {"hidden": [32, "x"]}}, r"\[model\] hidden = \[32, 'x'\]: expected a list of an integer"),
+        ({"model": {"hidden": [32, "x"]}}, r"\[model\] hidden = \[32, 'x'\]: expected a list of integers"),
         ({"model": {"latnt_dim": 4}}, r"\[model\] unknown key 'latnt_dim' for model 'vae'; expected one of: latent_dim"),
         ({"anneal": {"name": "logistic"}}, r"\[anneal\] missing required key 'midpoint'"),
         ({"train": {"epochs": 2.5}}, r"\[train\] epochs = 2.5: expected an integer"),

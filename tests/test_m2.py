@@ -106,6 +106,8 @@ def test_config_bounds():
         M2Config(classifier_channels=[16, 0])
     with pytest.raises(ValueError, match="image_shape"):
         M2(M2Config(classifier_channels=[4]), DataSpec("flat", (FEATURES,), "binary", num_classes=CLASSES))
+    with pytest.raises(ValueError, match="smaller than the image"):
+        M2(M2Config(classifier_shift=3), DataSpec("small", (FEATURES,), "binary", image_shape=(2, 3), num_classes=CLASSES))
 
 
 def test_the_convolutional_classifier_sees_the_image():
