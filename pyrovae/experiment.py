@@ -240,7 +240,7 @@ class Experiment:
         run_dir = Path(run_dir)
         # Under torchrun every rank joins the job here; only rank 0 takes the folder and writes into it.
         context = distributed.setup(self.train_config.device)
-        with distributed.main_holds(context, lambda: locked_run_folder(run_dir)), denormals_flushed(self.train_config.flush_denormal):
+        with distributed.main_holds(context, lambda: locked_run_folder(run_dir)):
             return self._train_locked(run_dir, resume, progress and context.is_main)
 
     def _check_run_folder(self, run_dir: Path, resume: bool) -> None:

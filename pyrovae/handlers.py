@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Mapping, Union
 
 import torch
@@ -55,3 +56,13 @@ class kl_scale(Messenger):
 
 def _weight(value):
     return value if torch.is_tensor(value) else float(value)
+
+
+def kl_scale_unless_one(beta, by_site: Mapping[str, float] | None = None):
+    """:class:`kl_scale` with ``beta`` and the per-site weights ``by_site``, or no handler at all
+    when every weight is 1 (the unscaled objective, with nothing added to the stack)."""
+    if by_site:
+        if beta == 1.0 and all(value == 1.0 for value in by_site.values()):
+            return contextlib.nullcontext()
+        return kl_scale(dict(by_site), default=beta)
+    return kl_scale(beta) if beta != 1.0 else contextlib.nullcontext()

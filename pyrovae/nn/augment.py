@@ -13,14 +13,15 @@ from typing import Sequence
 import torch
 from torch.nn import functional as F
 
+from pyrovae.nn.conv import channels_first
+
 
 def random_shift(x: torch.Tensor, image_shape: Sequence[int], max_shift: int) -> torch.Tensor:
     """``x`` of shape (B, prod(image_shape)) with each row's image moved by up to ``max_shift``
     pixels along each axis (see the module docstring). ``image_shape`` is (H, W) or (C, H, W)."""
     if max_shift == 0:
         return x
-    shape = tuple(int(n) for n in image_shape)
-    channels, height, width = (1, *shape) if len(shape) == 2 else shape
+    channels, height, width = channels_first(image_shape)
     rows = x.shape[0]
     images = F.pad(x.reshape(rows, channels, height, width), (max_shift,) * 4)
     offsets = torch.randint(0, 2 * max_shift + 1, (2, rows, 1), device=x.device)

@@ -18,6 +18,16 @@ from torch import nn
 from pyrovae.nn.mlp import activation_layer, check_sizes
 
 
+def channels_first(image_shape: Sequence[int]) -> tuple[int, int, int]:
+    """(C, H, W) of an image shape given as (H, W) (one channel) or (C, H, W)."""
+    shape = tuple(int(n) for n in image_shape)
+    if len(shape) == 2:
+        shape = (1, *shape)
+    if len(shape) != 3:
+        raise ValueError(f"an image shape is (H, W) or (C, H, W), got {shape}")
+    return shape
+
+
 def _halved(size: int, layers: int) -> int:
     for _ in range(layers):
         size = (size + 1) // 2
@@ -37,11 +47,7 @@ class ConvNet(nn.Sequential):
         activation: str = "relu",
         kernel_size: int = 5,
     ):
-        image_shape = tuple(int(n) for n in image_shape)
-        if len(image_shape) == 2:
-            image_shape = (1, *image_shape)
-        if len(image_shape) != 3:
-            raise ValueError(f"ConvNet needs an image shape (H, W) or (C, H, W), got {image_shape}")
+        image_shape = channels_first(image_shape)
         check_sizes(image_shape=list(image_shape), channels=list(channels), hidden=list(hidden), out_features=out_features)
         if not channels:
             raise ValueError("ConvNet needs at least one convolution (channels = [] is an MLP)")

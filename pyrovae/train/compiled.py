@@ -41,13 +41,12 @@ and gradient clipping run eagerly after the replayed forward and backward.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Callable, Mapping
 
 import torch
 
-from pyrovae.handlers import kl_scale
+from pyrovae.handlers import kl_scale, kl_scale_unless_one
 from pyrovae.traces import preserved_rng
 
 COMPILE_MODES = ("none", "trace", "torch")
@@ -58,15 +57,6 @@ MAX_SIGNATURES = 8
 # eagerly): a shape seen once, such as an epoch's last, partial batch in a one-epoch run, costs no
 # capture (about 0.1-0.3 s on the CPU for a small VAE).
 CAPTURE_AT = 2
-
-
-def scaling(beta: float, by_site: dict[str, float]):
-    """kl_scale for these betas, or nothing when every one is 1 (no handler on the stack)."""
-    if by_site:
-        if beta == 1.0 and all(value == 1.0 for value in by_site.values()):
-            return contextlib.nullcontext()
-        return kl_scale(by_site, default=beta)
-    return kl_scale(beta) if beta != 1.0 else contextlib.nullcontext()
 
 
 class _Pair(torch.nn.Module):
@@ -114,7 +104,7 @@ class CompiledStep:
     # -- eager --------------------------------------------------------------------------------
 
     def eager(self, batch: Mapping, beta: float, by_site: Mapping[str, float]):
-        with scaling(beta, by_site):
+        with kl_scale_unless_one(beta, by_site):
             return self.objective(self.model, self.guide, batch)
 
     # -- compiled -----------------------------------------------------------------------------

@@ -37,7 +37,8 @@ from pyrovae.traces import preserved_rng
 from pyrovae.train import distributed
 from pyrovae.analysis.classification import label_metrics
 from pyrovae.train.denormals import denormals_flushed
-from pyrovae.train.compiled import COMPILE_MODES, CompiledStep, scaling as _scaling
+from pyrovae.handlers import kl_scale_unless_one
+from pyrovae.train.compiled import COMPILE_MODES, CompiledStep
 from pyrovae.train.strategies import STRATEGIES, AggressiveGuideUpdates
 from pyrovae.train.checkpoint import (
     BEST,
@@ -740,10 +741,10 @@ def _run_epoch(
                 # A validated first step stays eager (its checks read values).
                 loss, metrics = compiled(batch, beta, by_site)
             elif autocast is None:
-                with _scaling(beta, by_site):
+                with kl_scale_unless_one(beta, by_site):
                     loss, metrics = objective(model, guide, batch)
             else:
-                with _scaling(beta, by_site), autocast():
+                with kl_scale_unless_one(beta, by_site), autocast():
                     loss, metrics = objective(model, guide, batch)
             loss.backward()
         loss = loss.detach()
@@ -786,7 +787,7 @@ def _guide_steps(strategy, model, guide, objective, data, config, optimizer, sch
     inputs = schedules.input_values(state.step) if schedules.inputs else {}
 
     def step_on(inner_batch) -> torch.Tensor:
-        with _scaling(beta, by_site), (autocast() if autocast is not None else contextlib.nullcontext()):
+        with kl_scale_unless_one(beta, by_site), (autocast() if autocast is not None else contextlib.nullcontext()):
             loss, _ = objective(model, guide, inner_batch)
         loss.backward()
         return loss.detach()
