@@ -1,19 +1,15 @@
 """pyrovae: variational autoencoders written as Pyro model/guide pairs.
 
 Parameters live in the torch modules and are stepped by torch optimizers owned
-by :func:`pyrovae.train.fit`, so Pyro's global parameter store is not used:
-importing pyrovae switches Pyro to module-local parameters. Without this, two
-models built in one process with the same site names would share weights
-through the global store.
+by :func:`pyrovae.train.fit`, so Pyro's global parameter store is not used: a
+pyrovae ``Model`` or ``Guide`` that holds Pyro attributes (``PyroParam``,
+``PyroSample``) is called with module-local parameters, and only for that call.
+Importing pyrovae changes no global Pyro setting.
 """
 
-import pyro
-
-pyro.settings.set(module_local_params=True)
-
-from pyrovae.errors import ConfigError, DataError, NonFiniteLossError, PairMismatchError  # noqa: E402
-from pyrovae.handlers import kl_scale  # noqa: E402
-from pyrovae.pair import DataSpec, Guide, LatentSite, Model, check_pair  # noqa: E402
+from pyrovae.errors import ConfigError, DataError, NonFiniteLossError, PairMismatchError
+from pyrovae.handlers import kl_scale
+from pyrovae.pair import DataSpec, Guide, LatentSite, Model, check_pair
 
 __all__ = [
     "ConfigError",

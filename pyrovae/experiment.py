@@ -47,6 +47,7 @@ from pyrovae.config import (
 )
 from pyrovae.data.splits import DataSplits, check_loader_result
 from pyrovae.errors import ConfigError, RunFolderError
+from pyrovae.pair import Model, share_data_plate
 from pyrovae.traces import preserved_rng
 from pyrovae.registry import SCHEDULES
 from pyrovae.schedules import StepSchedules
@@ -136,6 +137,23 @@ def sequence_metrics(test: dict, mean_log_likelihood: float, mean_elbo: float | 
     return result
 
 
+EXAMPLE_ROWS = 16
+
+
+def describe_on_first_rows(model, data: DataSplits) -> None:
+    """Trace the model once on the first validation rows (with its scheduled inputs' defaults), so
+    that its latent sites, observed sites and data plate are known before a guide is built for
+    it (:meth:`pyrovae.pair.Model.describe`)."""
+    if not isinstance(model, Model):
+        return
+    # Validation rows are what the model is scored on as they are (training rows may be grey levels
+    # that each batch binarizes afresh).
+    split = "valid" if data.size("valid") > 0 else "train"
+    example = data.rows(split, 0, min(EXAMPLE_ROWS, data.size(split)))
+    defaults = getattr(model, "scheduled_inputs", {})
+    model.describe({**example, **(defaults if isinstance(defaults, dict) else {})})
+
+
 def _construct(section: str, table: dict, *context, registry=None) -> Any:
     target = (registry or PART_REGISTRIES[section]).resolve(table["name"], f"[{section}] name")
     options = _options(table)
@@ -170,7 +188,9 @@ class Experiment:
         data = check_loader_result(_construct("data", config["data"]), config["data"]["name"])
         torch.manual_seed(config["seed"])
         model = _construct("model", config["model"], data.spec)
+        describe_on_first_rows(model, data)
         guide = _construct("guide", config["guide"], data.spec, model)
+        share_data_plate(model, guide)
         anneal = {key: value for key, value in config["anneal"].items() if key != "sites"}
         sites = config["anneal"].get("sites", {})
         experiment = cls(
@@ -371,7 +391,9 @@ class Experiment:
                 progress=progress,
             )
         mean_log_likelihood, test_examples = distributed.mean_rows(context, log_likelihood, hi - lo)
-        sequence = sequence_metrics(self.data.rows("test", 0, rows), mean_log_likelihood, metrics.get("elbo"))
+        # Perplexity is per token: sequences of frames (real-valued x) have lengths but no tokens.
+        tokens = self.data.spec.support == "categorical"
+        sequence = sequence_metrics(self.data.rows("test", 0, rows), mean_log_likelihood, metrics.get("elbo")) if tokens else {}
         if evaluate.latent_metrics:
             sequence.update(self.latent_metrics(rows, inputs))
         from pyrovae.analysis.classification import label_metrics

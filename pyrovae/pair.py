@@ -20,17 +20,22 @@ import re
 from dataclasses import dataclass
 from typing import Mapping
 
+import pyro
 import pyro.distributions.constraints as pyro_constraints
 import torch
 from pyro import poutine
+from pyro.poutine.messenger import Messenger
 from pyro.distributions import Delta
 from pyro.nn import PyroModule
 from pyro.poutine.util import prune_subsample_sites
 from torch.distributions import constraints
 
 from pyrovae.errors import DataError, MissingLatentSitesError, PairMismatchError
+from pyrovae.particles import make_batch_norm_particle_safe
 
 LABEL_FORMATS = ("integer", "multi_hot")
+DATA_PLATE = "data"
+_DATA_PLATE_ALIAS = "_pyrovae_data_plate_alias"
 
 
 @dataclass(frozen=True)
@@ -327,6 +332,20 @@ class LatentSite:
     enumerated: bool = False
 
 
+class _RenamePlate(Messenger):
+    """Renames one plate's frames at every site: a model's data plate, whatever its name, reaches
+    the objectives and the analysis as ``"data"``."""
+
+    def __init__(self, old: str, new: str):
+        super().__init__()
+        self.old, self.new = old, new
+
+    def _process_message(self, msg):
+        stack = msg.get("cond_indep_stack")
+        if stack and any(frame.name == self.old for frame in stack):
+            msg["cond_indep_stack"] = tuple(frame._replace(name=self.new) if frame.name == self.old else frame for frame in stack)
+
+
 class _TorchOwnedParameters(PyroModule):
     """A PyroModule whose plain ``torch.nn`` children are returned as they are.
 
@@ -338,11 +357,21 @@ class _TorchOwnedParameters(PyroModule):
     """
 
     def __call__(self, *args, **kwargs):
+        alias = self.__dict__.get(_DATA_PLATE_ALIAS)
+        if alias is not None:
+            with _RenamePlate(alias, DATA_PLATE):
+                return self._call(args, kwargs)
+        return self._call(args, kwargs)
+
+    def _call(self, args, kwargs):
         # PyroModule.__call__ enters a context that swaps Pyro's param-store state in and out
         # (four times a step for a model/guide pair). It only serves PyroParam/PyroSample
         # attributes; without any in the module tree, call the plain torch module.
         if self._holds_pyro_attributes():
-            return super().__call__(*args, **kwargs)
+            # Module-local parameters for pyrovae's own calls only: importing pyrovae changes no
+            # global Pyro setting (the loop's torch optimizer owns these parameters).
+            with pyro.settings.context(module_local_params=True):
+                return super().__call__(*args, **kwargs)
         return torch.nn.Module.__call__(self, *args, **kwargs)
 
     def _holds_pyro_attributes(self) -> bool:
@@ -350,9 +379,23 @@ class _TorchOwnedParameters(PyroModule):
         # network, so the answer is kept until an attribute of this module is set or deleted.
         held = self.__dict__.get("_pyro_attributes_held")
         if held is None:
+            make_batch_norm_particle_safe(self)
             held = any(m._pyro_params or m._pyro_samples for m in self.modules() if isinstance(m, PyroModule))
+            if held:
+                for module in self.modules():
+                    context = getattr(module, "_pyro_context", None)
+                    if context is not None and not hasattr(context, "param_state"):
+                        # Built while the global setting was off: give the context the local
+                        # store that module_local_params=True expects.
+                        context.param_state = {"params": {}, "constraints": {}}
             self.__dict__["_pyro_attributes_held"] = held
         return held
+
+    def use_data_plate(self, name: str) -> None:
+        """Treat the plate ``name`` as the data plate (pyrovae's objectives and analysis read
+        per-example terms from the plate they call ``"data"``): its frames are renamed on every
+        call of this module. Set by :meth:`Model.describe` from the model's own trace."""
+        self.__dict__[_DATA_PLATE_ALIAS] = None if name == DATA_PLATE else name
 
     def __setattr__(self, name: str, value):
         self.__dict__.pop("_pyro_attributes_held", None)
@@ -374,15 +417,44 @@ class Model(_TorchOwnedParameters):
     build their networks in ``__init__(config, data)``, list ``latent_sites``
     and write ``forward(x, **batch)`` as the generative story."""
 
-    observed_site: str = "x"
-
     def __init__(self, data: DataSpec):
         super().__init__()
         self.data = data
 
+    def describe(self, batch: Mapping[str, object]):
+        """Trace the model once on ``batch`` and keep what the trace shows
+        (:class:`pyrovae.description.ModelDescription`): the latent sites (so ``latent_sites``
+        need not be written), the observed sites, the data plate (any name: it is used as pyrovae's
+        ``"data"`` plate from then on) and the dependencies an automatic guide follows. A
+        ``latent_sites`` the class declares is checked against the trace. pyrovae calls this on
+        the first batch before training (and ``Experiment`` before building the guide)."""
+        from pyrovae.description import describe_model
+
+        self.use_data_plate(DATA_PLATE)
+        description = describe_model(self, batch)
+        self.use_data_plate(description.data_plate)
+        if _declares_latent_sites(self):
+            description = _checked_declaration(self, description)
+        self.__dict__["_pyrovae_description"] = description
+        return description
+
+    @property
+    def description(self):
+        """What :meth:`describe` found, or None before the model was traced."""
+        return self.__dict__.get("_pyrovae_description")
+
     @property
     def latent_sites(self) -> tuple[LatentSite, ...]:
-        raise MissingLatentSitesError(_missing_latent_sites(type(self).__name__))
+        """The latent sites, taken from the model's trace (:meth:`describe`). A subclass may declare
+        them instead; the declaration is then checked against the trace."""
+        if self.description is None:
+            raise MissingLatentSitesError(_missing_latent_sites(type(self).__name__))
+        return self.description.latent_sites()
+
+    @property
+    def observed_site(self) -> str:
+        """The site that observes ``x`` (from the trace; a subclass may set ``observed_site = "obs"``)."""
+        return self.description.observed_site if self.description is not None else "x"
 
     def check_batch(self, batch: Mapping[str, torch.Tensor]) -> None:
         """Raise :class:`DataError` if ``batch`` breaks the batch contract for this model's data
@@ -395,9 +467,36 @@ class Model(_TorchOwnedParameters):
 
 def _missing_latent_sites(model_name: str) -> str:
     return (
-        f"{model_name} declares no latent_sites: add a property `latent_sites` returning one "
-        f"LatentSite(name, event_shape) per latent sample site, e.g. `return (LatentSite('z', (16,)),)`"
+        f"{model_name} has not been traced yet, so its latent sites are unknown: call model.describe(batch) "
+        f"once (pyrovae's fit and Experiment do), or declare a property `latent_sites`"
     )
+
+
+def _declares_latent_sites(model) -> bool:
+    return type(model).latent_sites is not Model.latent_sites
+
+
+def _checked_declaration(model, description):
+    """The description with a declared ``latent_sites`` checked against the trace: the same names and
+    event shapes; a site declared ``enumerated`` is enumerated."""
+    from dataclasses import replace
+
+    name = type(model).__name__
+    declared = {site.name: site for site in model.latent_sites}
+    traced = {site.name: site for site in description.latent}
+    for site_name in declared:
+        if site_name not in traced:
+            raise PairMismatchError(f"{name} declares latent site {site_name!r} but never samples it (its trace samples: {sorted(traced)})")
+    for site_name, site in traced.items():
+        if site_name not in declared:
+            raise PairMismatchError(f"{name} samples latent site {site_name!r} but does not declare it in latent_sites")
+        if tuple(declared[site_name].event_shape) != site.event_shape:
+            raise PairMismatchError(
+                f"{name} declares latent site {site_name!r} with event shape {tuple(declared[site_name].event_shape)}, "
+                f"but its trace samples event shape {site.event_shape}"
+            )
+    latent = tuple(replace(site, enumerated=site.enumerated or declared[site.name].enumerated) for site in description.latent)
+    return replace(description, latent=latent)
 
 
 class Guide(_TorchOwnedParameters):
@@ -617,8 +716,11 @@ def check_pair(model: Model, guide: Guide, batch: Mapping[str, object]) -> None:
     is what the pair is called with: the batch's tensors and any scheduled inputs (floats).
     """
     model_name, guide_name = type(model).__name__, type(guide).__name__
+    if isinstance(model, Model) and model.description is None:
+        model.describe(batch)
     if not hasattr(type(model), "latent_sites"):
         raise MissingLatentSitesError(_missing_latent_sites(model_name))
+    share_data_plate(model, guide)
     declared = {site.name: site for site in model.latent_sites}
     from pyrovae.traces import preserved_rng
 
@@ -667,3 +769,33 @@ def check_pair(model: Model, guide: Guide, batch: Mapping[str, object]) -> None:
     message = _first_support_mismatch(guide_sites, model_sites, guide_name, model_name)
     if message:
         raise PairMismatchError(message)
+    check_particles(model, guide, batch)
+
+
+def share_data_plate(model, guide) -> None:
+    """A guide written with the model's plate name gets the model's data plate renamed too."""
+    description = getattr(model, "description", None)
+    if description is not None and isinstance(guide, _TorchOwnedParameters):
+        guide.use_data_plate(description.data_plate)
+
+
+def check_particles(model, guide, batch: Mapping[str, object]) -> None:
+    """Run the pair once with two particles as a leading dim (as IWAE and the importance-sampled
+    log-likelihood do); a network that cannot take it is refused in one line, before training.
+    Batch-norm layers are made particle safe (:mod:`pyrovae.particles`) before this runs."""
+    from pyrovae.traces import guess_max_plate_nesting, preserved_rng, trace_pair
+
+    rows = {key: value[:2] if torch.is_tensor(value) else value for key, value in batch.items()}
+    try:
+        nesting = guess_max_plate_nesting(model, guide, rows)
+        with torch.no_grad(), poutine.block(), preserved_rng():
+            trace_pair(model, guide, rows, max_plate_nesting=nesting, particles=2)
+    except (PairMismatchError, NotImplementedError):
+        raise
+    except Exception as error:  # noqa: BLE001 - reported in one line, with what to change
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise PairMismatchError(
+            f"{type(model).__name__}/{type(guide).__name__} cannot take a leading particle dimension "
+            f"({type(error).__name__}: {first}); pyrovae evaluates K samples per example at once, latents shaped "
+            f"(K, batch, ...): let each network take extra leading dims (e.g. x.reshape(-1, features) and back)"
+        ) from error

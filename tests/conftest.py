@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import pyrovae  # noqa: F401  (switches Pyro to module-local parameters)
+import pyrovae  # noqa: F401
 from pyrovae.guides import DiagonalNormalGuide, DiagonalNormalGuideConfig
 from pyrovae.models import GaussianVAE, GaussianVAEConfig
 from pyrovae.pair import DataSpec

@@ -1,0 +1,156 @@
+"""Pyro's habits are the contract: pairs written as Pyro's examples write them (tests/pyro_style.py)
+go through train, evaluate, sample and analyze; the data plate and the observed site are found in
+the model's own trace; batch-norm decoders take the particle dimension; a network that cannot
+take it is refused before training, in one line; importing pyrovae changes no Pyro setting."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from torch import nn
+
+from pyrovae import DataSpec, Guide, Model, PairMismatchError
+from pyrovae.cli import main
+from pyrovae.experiment import Experiment
+from pyrovae.pair import check_pair
+from pyrovae.traces import trace_pair
+from tests import pyro_style
+from tests.conftest import tiny_experiment
+
+DIGITS = {"name": "digits"}
+FRAMES = {"name": "tests.pyro_style:frames"}
+
+
+def experiment(data, model, guide, objective=None, **extra):
+    config = tiny_experiment(
+        data=data,
+        model={"name": f"tests.pyro_style:{model}"},
+        guide={"name": guide if guide == "auto" else f"tests.pyro_style:{guide}", **({"hidden": [32]} if guide == "auto" else {})},
+        objective=objective or {"name": "elbo"},
+        train={"epochs": 2, "batch_size": 64, "lr": 3e-3},
+        evaluate={"particles": 10},
+        **extra,
+    )
+    return config
+
+
+PAIRS = [
+    ("images", DIGITS, "ImageVAE", "ImageEncoder", {"name": "iwae", "particles": 3}),
+    ("images_auto", DIGITS, "ImageVAE", "auto", None),
+    ("documents_batch_norm", DIGITS, "DocumentModel", "DocumentEncoder", {"name": "iwae", "particles": 3}),
+    ("documents_auto", DIGITS, "DocumentModel", "auto", None),
+    ("markov_frames", FRAMES, "FrameMarkovModel", "FrameMarkovGuide", None),
+]
+
+
+@pytest.mark.parametrize("label,data,model,guide,objective", PAIRS, ids=[p[0] for p in PAIRS])
+def test_pyro_style_pairs_train_evaluate_sample_and_analyze(tmp_path, capsys, label, data, model, guide, objective):
+    run = tmp_path / label
+    final = Experiment.from_config(experiment(data, model, guide, objective)).train(run, progress=False)
+    assert torch.isfinite(torch.tensor(final["test_log_likelihood"]))
+    assert final["test_log_likelihood"] > final["test_elbo"] - 1.0  # log p(x) >= ELBO up to Monte Carlo error
+    # Frames have lengths but are not tokens: no perplexity.
+    assert ("test_perplexity" in final) is False
+    assert main(["evaluate", str(run), "--particles", "10", "--no-progress"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["test_log_likelihood"] == pytest.approx(final["test_log_likelihood"], abs=1e-4)
+    assert main(["sample", str(run)]) == 0
+    assert any((run / name).exists() for name in ("samples.png", "samples.json"))
+    assert main(["analyze", str(run), "--samples", "30", "--test-examples", "20"]) == 0
+    assert (run / "analysis" / "posterior.nc").stat().st_size > 0
+    assert "report.md" in {p.name for p in (run / "analysis").iterdir()}
+
+
+def test_the_data_plate_and_observed_site_come_from_the_trace():
+    spec = DataSpec("toy", (64,), "binary")
+    model = pyro_style.ImageVAE(pyro_style.Sizes(), spec)
+    x = torch.bernoulli(torch.full((8, 64), 0.3))
+    description = model.describe({"x": x})
+    assert description.data_plate == "images"
+    assert model.observed_site == "obs"
+    assert [(s.name, s.event_shape) for s in description.latent] == [("latent", (4,))]
+    # The plate reaches pyrovae's per-example code as "data", so IWAE has per-example terms.
+    guide = pyro_style.ImageEncoder(pyro_style.Sizes(), spec, model)
+    check_pair(model, guide, {"x": x})
+    model_trace, guide_trace = trace_pair(model, guide, {"x": x}, max_plate_nesting=1, particles=5)
+    frames = {f.name for f in model_trace.nodes["obs"]["cond_indep_stack"]}
+    assert frames == {"data", "particles"}
+    assert model_trace.nodes["obs"]["log_prob"].shape == (5, 8)
+
+
+def test_batch_norm_particles_equal_particle_by_particle():
+    """In evaluation mode, a BatchNorm1d decoder given (K, B, D) latents scores each particle as a
+    call on that particle alone would (the silent alternative: normalising over the wrong axis)."""
+    spec = DataSpec("toy", (8,), "binary")  # 8 features, and batches of 8 rows: (K, 8, 8) is ambiguous
+    model = pyro_style.DocumentModel(pyro_style.Sizes(latent=3), spec)
+    guide = pyro_style.DocumentEncoder(pyro_style.Sizes(latent=3), spec, model)
+    x = torch.bernoulli(torch.full((8, 8), 0.4), generator=torch.Generator().manual_seed(1))
+    check_pair(model, guide, {"x": x})
+    for _ in range(3):  # move the running statistics off their initial values
+        model(x=x)
+    model.eval(), guide.eval()
+    with torch.no_grad():
+        model_trace, guide_trace = trace_pair(model, guide, {"x": x}, max_plate_nesting=1, particles=4)
+        vectorized = model_trace.nodes["obs"]["log_prob"]
+        draws = guide_trace.nodes["logtheta"]["value"]
+        for k in range(4):
+            one = pyro.poutine.trace(pyro.poutine.condition(model, data={"logtheta": draws[k]})).get_trace(x=x)
+            one.compute_log_prob()
+            assert torch.allclose(one.nodes["obs"]["log_prob"], vectorized[k], atol=1e-5)
+
+
+class MatrixDecoderModel(Model):
+    """z ~ Normal(0, I), x ~ Bernoulli(z W): written with torch.mm, which takes 2-d inputs only."""
+
+    def __init__(self, config=None, data=None):
+        super().__init__(data)
+        self.weight = nn.Parameter(torch.randn(3, data.x_features))
+
+    def forward(self, x, **batch):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(3), 1.0).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=torch.mm(z, self.weight)).to_event(1), obs=x)
+
+
+class MatrixGuide(Guide):
+    def __init__(self, config=None, data=None, model=None):
+        super().__init__(data)
+        self.net = nn.Linear(data.x_features, 6)
+
+    def forward(self, x, **batch):
+        loc, raw = self.net(x).chunk(2, -1)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(loc, raw.exp()).to_event(1))
+
+
+def test_a_network_that_cannot_take_particles_is_refused_before_training():
+    spec = DataSpec("toy", (6,), "binary")
+    model = MatrixDecoderModel(None, spec)
+    guide = MatrixGuide(None, spec, model)
+    x = torch.bernoulli(torch.full((4, 6), 0.5))
+    with pytest.raises(PairMismatchError, match=r"^MatrixDecoderModel/MatrixGuide cannot take a leading particle dimension \(RuntimeError: "):
+        check_pair(model, guide, {"x": x})
+
+
+def test_importing_pyrovae_changes_no_pyro_setting():
+    script = textwrap.dedent(
+        """
+        import pyro, torch
+        before = dict(pyro.settings.get())
+        import pyrovae, pyrovae.models, pyrovae.guides, pyrovae.experiment
+        assert dict(pyro.settings.get()) == before, (before, pyro.settings.get())
+        # A PyroModule of the user's own code keeps its parameters in Pyro's param store.
+        layer = pyro.nn.PyroModule[torch.nn.Linear](2, 1)
+        layer(torch.ones(1, 2))
+        assert "weight" in dict(pyro.get_param_store().named_parameters()), list(pyro.get_param_store().keys())
+        print("ok")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
