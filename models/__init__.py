@@ -16,5 +16,6 @@ from pyrovae.models.cvae import (
 from pyrovae.models.multvae import MultDAE, MultDAEConfig, MultVAE, MultVAEConfig
 from pyrovae.models.sentence import LanguageModel, LanguageModelConfig, SentenceVAE, SentenceVAEConfig
 from pyrovae.models.multilabel import JointClassifierVAE, JointClassifierVAEConfig, OutputVAE, OutputVAEConfig
+from pyrovae.models.graph import GraphModel, GraphModelConfig
 
 __all__ = ["GaussianVAE", "GaussianVAEConfig", "M2", "M2Config", "GMVAE", "GMVAEConfig", "LadderVAE", "LadderVAEConfig", "CategoricalVAE", "CategoricalVAEConfig", "CVAEBaseline", "CVAEBaselineConfig", "LabelConditionedVAE", "LabelConditionedVAEConfig", "StructuredOutputCVAE", "StructuredOutputCVAEConfig", "MultVAE", "MultVAEConfig", "MultDAE", "MultDAEConfig", "LanguageModel", "LanguageModelConfig", "SentenceVAE", "SentenceVAEConfig", "JointClassifierVAE", "JointClassifierVAEConfig", "OutputVAE", "OutputVAEConfig"]

@@ -125,10 +125,55 @@ def resolve_paths(raw: dict, base_dir: str | Path) -> dict:
 
 def load_experiment(path: str | Path, overrides: list[str] = ()) -> dict:
     """An experiment file with ``--set`` overrides applied: the file's relative paths resolve
-    against its folder, the overrides' against the working directory."""
+    against its folder, the overrides' against the working directory.
+
+    Import paths (``model = "mymodels:MyVAE"``, also of guides, data loaders, objectives and
+    schedules) are looked for in the experiment file's folder, then in the working directory, then
+    on the normal import path. The folder that holds the module is recorded with the name
+    (``"mymodels:MyVAE @ /home/me/project"``), so the run folder's ``config.toml`` resolves it from
+    any working directory, as it stores paths absolute (see :func:`locate_modules`)."""
     path = Path(path)
-    raw = resolve_paths(load_toml(path), path.parent)
-    return resolve_paths(apply_overrides(raw, list(overrides)), Path.cwd())
+    raw = load_toml(path)
+    folders = [(path.parent.absolute(), "the experiment's folder"), (Path.cwd(), "the working directory")]
+    if os.path.samefile(folders[0][0], folders[1][0]):
+        folders = [(folders[0][0], "the experiment's folder and the working directory")]
+    raw = resolve_paths(locate_modules(raw, folders, path.parent, strict=False), path.parent)
+    raw = locate_modules(apply_overrides(raw, list(overrides)), folders, Path.cwd())
+    return resolve_paths(raw, Path.cwd())
+
+
+def locate_modules(raw: dict, folders: list[tuple[Path, str]], base_dir: str | Path, strict: bool = True) -> dict:
+    """A copy of ``raw`` whose import-path part names carry the folder that holds their module,
+    the first of ``folders`` (folder, what it is) that does (:meth:`pyrovae.registry.Registry.locate`);
+    a module found only on the normal import path keeps its name as written. A folder written
+    with the name (``"mymodels:MyVAE @ ../shared"``) is made absolute against ``base_dir``. With
+    ``strict``, a module found nowhere is a :class:`ConfigError` that names the folders searched.
+
+    Why the name carries the folder: the run folder's ``config.toml`` is all that ``evaluate``,
+    ``sample``, ``analyze`` and ``--resume`` read back, from any working directory, and the
+    experiment file may be gone by then."""
+    from pyrovae.registry import FOLDER_MARK, split_folder
+
+    raw = json.loads(json.dumps(raw))
+
+    def locate(table, registry, label: str) -> None:
+        if not isinstance(table, dict) or not isinstance(table.get("name"), str):
+            return
+        name = table["name"]
+        target, folder = split_folder(name)
+        if folder is not None:
+            table["name"] = f"{target}{FOLDER_MARK}{absolute_path(folder, base_dir)}"
+        else:
+            table["name"] = registry.locate(name, folders, f"[{label}] name", strict=strict)
+
+    for section, registry in PART_REGISTRIES.items():
+        locate(raw.get(section), registry, section)
+    sites = raw.get("anneal", {}).get("sites") if isinstance(raw.get("anneal"), dict) else None
+    for section, tables in (("anneal.sites", sites), ("schedules", raw.get("schedules"))):
+        if isinstance(tables, dict):
+            for key, table in tables.items():
+                locate(table, SCHEDULES, f"{section}.{key}")
+    return raw
 
 
 def describe(annotation) -> str:
@@ -342,6 +387,7 @@ def resolve_config(raw: dict) -> dict:
 
 
 def _toml_value(value) -> str:
+    """One value written inline: a scalar, an array, or an inline table ``{ a = 1, b = [2] }``."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -350,6 +396,9 @@ def _toml_value(value) -> str:
         return json.dumps(value)
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        items = [f"{_toml_key(key)} = {_toml_value(item)}" for key, item in value.items() if item is not None]
+        return "{ " + ", ".join(items) + " }" if items else "{}"
     raise TypeError(f"cannot write {value!r} to TOML")
 
 
@@ -357,21 +406,34 @@ def _toml_key(key: str) -> str:
     return key if key and all(c.isascii() and (c.isalnum() or c in "-_") for c in key) else json.dumps(key)
 
 
-def _toml_table(path: list[str], table: dict, lines: list[str]) -> None:
-    scalars = [(key, value) for key, value in table.items() if not isinstance(value, dict) and value is not None]
-    subtables = [(key, value) for key, value in table.items() if isinstance(value, dict)]
-    if scalars or not subtables:
-        lines.append("\n[" + ".".join(_toml_key(part) for part in path) + "]")
-        lines.extend(f"{_toml_key(key)} = {_toml_value(value)}" for key, value in scalars)
-    for key, value in subtables:
-        _toml_table(path + [key], value, lines)
+def _toml_table(path: list[str], table: dict, lines: list[str], element: bool = False) -> None:
+    """Write ``table`` as ``[a.b]`` (its values, then its tables and arrays of tables), or with
+    ``element`` as one table of an array of tables, ``[[a.b]]``, whose nested tables are inline."""
+    header = ".".join(_toml_key(part) for part in path)
+    if element:
+        lines.append(f"\n[[{header}]]")
+        lines.extend(f"{_toml_key(key)} = {_toml_value(value)}" for key, value in table.items() if value is not None)
+        return
+
+    def is_array_of_tables(value) -> bool:
+        return isinstance(value, (list, tuple)) and len(value) > 0 and all(isinstance(item, dict) for item in value)
+
+    scalars = [(key, value) for key, value in table.items() if not isinstance(value, dict) and not is_array_of_tables(value) and value is not None]
+    nested = [(key, value) for key, value in table.items() if isinstance(value, dict) or is_array_of_tables(value)]
+    if path and (scalars or not nested):
+        lines.append(f"\n[{header}]")
+    lines.extend(f"{_toml_key(key)} = {_toml_value(value)}" for key, value in scalars)
+    for key, value in nested:
+        if isinstance(value, dict):
+            _toml_table(path + [key], value, lines)
+        else:
+            for item in value:
+                _toml_table(path + [key], item, lines, element=True)
 
 
 def dump_toml(config: dict) -> str:
-    """Write a resolved config (scalars, then tables, nested ones as ``[a.b.c]``) as TOML.
-    None values are left out."""
-    lines = [f"{_toml_key(key)} = {_toml_value(value)}" for key, value in config.items() if not isinstance(value, dict) and value is not None]
-    for section, table in config.items():
-        if isinstance(table, dict):
-            _toml_table([section], table, lines)
+    """Write a resolved config (scalars, then tables, nested ones as ``[a.b.c]``, lists of tables as
+    arrays of tables ``[[a.b]]`` whose own tables are inline) as TOML. None values are left out."""
+    lines: list[str] = []
+    _toml_table([], config, lines)
     return "\n".join(lines) + "\n"
