@@ -102,7 +102,7 @@ def _default_family(support) -> str:
         base = base.base_constraint
     if isinstance(base, c._Real):
         return "normal"
-    if base is c.positive or isinstance(base, c._GreaterThan) and float(base.lower_bound) == 0.0:
+    if isinstance(base, (c._GreaterThan, c._GreaterThanEq)) and float(base.lower_bound) == 0.0:
         return "lognormal"
     if base is c.unit_interval or (
         isinstance(base, c._Interval) and float(base.lower_bound) == 0.0 and float(base.upper_bound) == 1.0
@@ -176,13 +176,13 @@ class _SiteHead:
             logits = raw.reshape(lead + shape)
             if self.kind == "OneHotCategorical":
                 one_hot = (
-                    dist.RelaxedOneHotCategoricalStraightThrough(torch.tensor(self.temperature, device=raw.device), logits=logits)
+                    _StraightThroughOneHot(torch.tensor(self.temperature, device=raw.device), logits=logits, validate_args=False)
                     if self.relaxed
                     else dist.OneHotCategorical(logits=logits)
                 )
                 return one_hot.to_event(len(shape) - 1)
             bernoulli = (
-                dist.RelaxedBernoulliStraightThrough(torch.tensor(self.temperature, device=raw.device), logits=logits)
+                _StraightThroughBernoulli(torch.tensor(self.temperature, device=raw.device), logits=logits, validate_args=False)
                 if self.relaxed
                 else dist.Bernoulli(logits=logits)
             )
@@ -206,7 +206,38 @@ class _SiteHead:
         # Any other support: a Normal on the unconstrained space, pushed through biject_to.
         unconstrained = self.unconstrained
         base = dist.Normal(first.reshape(lead + unconstrained), softplus(second).reshape(lead + unconstrained)).to_event(len(unconstrained))
-        return dist.TransformedDistribution(base, [self.transform])
+        return _PushedForward(base, self.transform, self.site.support)
+
+
+class _StraightThroughOneHot(dist.RelaxedOneHotCategoricalStraightThrough):
+    """Gumbel-softmax straight-through draws are one-hot (the relaxed value carries the gradient);
+    the support says so, so the pair check compares it with a OneHotCategorical prior. Built with
+    validate_args=False: its log-density is read at the relaxed value behind the one-hot draw."""
+
+    support = c.one_hot
+
+
+class _StraightThroughBernoulli(dist.RelaxedBernoulliStraightThrough):
+    """Straight-through relaxed Bernoulli: draws are 0 or 1."""
+
+    support = c.boolean
+
+
+class _PushedForward(dist.TransformedDistribution):
+    """A TransformedDistribution that reports the support it was pushed onto (torch reports the
+    last transform's codomain, ``real`` for an affine map)."""
+
+    def __init__(self, base, transform, support, validate_args=None):
+        self._target_support = support
+        super().__init__(base, [transform], validate_args=validate_args)
+
+    @property
+    def support(self):
+        return self._target_support
+
+    def expand(self, batch_shape, _instance=None):
+        base = self.base_dist.expand(torch.Size(batch_shape) + self.base_dist.batch_shape[len(self.batch_shape) :])
+        return _PushedForward(base, self.transforms[0], self._target_support)
 
 
 @GUIDES.register("auto")

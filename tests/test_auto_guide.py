@@ -1,0 +1,220 @@
+"""guide.name = "auto": the amortized guide drafted from the model's trace. Its mean-field form is
+the stock diag_normal guide exactly; each support gets its family; dependent structure follows the
+model's inverted graph (ladders, M2's q(z | x, y)); discrete sites are enumerated, score-function or
+relaxed; what it cannot draft is refused in one line; the compiled step captures it."""
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from torch.distributions import constraints
+
+from pyrovae import DataSpec, Model, PairMismatchError
+from pyrovae.errors import ConfigError
+from pyrovae.experiment import Experiment
+from pyrovae.guides.auto import AutoGuide, AutoGuideConfig
+from pyrovae.models.ladder import LadderVAE, LadderVAEConfig
+from pyrovae.objectives import ELBO, IWAE, EnumELBO, MeanFieldELBO
+from pyrovae.pair import check_pair
+from tests import families, pyro_style
+from tests.conftest import tiny_experiment, tiny_pair
+from tests.test_compiled_step import assert_same, eager_and_compiled
+
+SPEC = DataSpec("toy", (12,), "binary", num_classes=3)
+
+
+def toy_batch(rows=16, **extra):
+    generator = torch.Generator().manual_seed(0)
+    batch = {"x": torch.bernoulli(torch.full((rows, 12), 0.4), generator=generator)}
+    batch.update(extra)
+    return batch
+
+
+def auto(model, batch, **options):
+    model.describe(batch)
+    guide = AutoGuide(AutoGuideConfig(hidden=[16], **options), model.data, model)
+    check_pair(model, guide, batch)
+    return guide
+
+
+def test_mean_field_auto_is_the_diag_normal_guide():
+    """Same architecture, same parameter layout: with the diag_normal guide's weights copied in, the
+    auto guide draws the same z with the same log q, so every number equals."""
+    model, written = tiny_pair(features=12, latent_dim=3, hidden=(16, 16))
+    batch = toy_batch()
+    guide = auto(model, batch)
+    guide = AutoGuide(AutoGuideConfig(hidden=[16, 16]), SPEC, model)
+    assert sum(p.numel() for p in guide.parameters()) == sum(p.numel() for p in written.parameters())
+    linear = [m for m in written.encoder if isinstance(m, torch.nn.Linear)]
+    ours = [guide.trunk[0][0], guide.trunk[0][2], guide.root_head]
+    for mine, theirs in zip(ours, linear):
+        mine.load_state_dict(theirs.state_dict())
+    for part in (written, guide):
+        torch.manual_seed(3)
+        trace = pyro.poutine.trace(part).get_trace(**batch)
+        trace.compute_log_prob()
+        if part is written:
+            expected = (trace.nodes["z"]["value"], trace.nodes["z"]["log_prob"])
+    assert torch.equal(trace.nodes["z"]["value"], expected[0])
+    assert torch.allclose(trace.nodes["z"]["log_prob"], expected[1])
+
+
+class SupportsModel(Model):
+    """a ~ Beta(2, 2)^2, w ~ Dirichlet(1_3), r ~ Gamma(2, 1), s ~ Uniform(-1, 2),
+    x ~ Bernoulli(sigmoid(linear([a, w, r, s])))."""
+
+    def __init__(self, config=None, data=SPEC):
+        super().__init__(data)
+        self.decoder = torch.nn.Linear(7, data.x_features)
+
+    def forward(self, x, **batch):
+        with pyro.plate("data", x.shape[0]):
+            a = pyro.sample("a", dist.Beta(x.new_full((2,), 2.0), 2.0).to_event(1))
+            w = pyro.sample("w", dist.Dirichlet(x.new_ones(3)))
+            r = pyro.sample("r", dist.Gamma(x.new_tensor(2.0), 1.0))
+            s = pyro.sample("s", dist.Uniform(x.new_tensor(-1.0), 2.0))
+            lead = torch.broadcast_shapes(a.shape[:-1], w.shape[:-1], r.shape, s.shape)
+            features = [a.expand(lead + (2,)), w.expand(lead + (3,)), r.expand(lead).unsqueeze(-1), s.expand(lead).unsqueeze(-1)]
+            pyro.sample("x", dist.Bernoulli(logits=self.decoder(torch.cat(features, -1))).to_event(1), obs=x)
+
+
+@pytest.mark.parametrize(
+    "family,expected",
+    [
+        ({}, {"a": dist.Beta, "w": dist.Dirichlet, "r": dist.LogNormal, "s": dist.TransformedDistribution}),
+        ({"a": "logit_normal", "w": "logistic_normal"}, {"a": dist.TransformedDistribution, "w": dist.TransformedDistribution}),
+    ],
+)
+def test_each_support_gets_its_family_and_draws_stay_inside(family, expected):
+    model = SupportsModel()
+    batch = toy_batch()
+    guide = auto(model, batch, family=family)
+    trace = pyro.poutine.trace(guide).get_trace(**batch)
+    for name, kind in expected.items():
+        fn = trace.nodes[name]["fn"]
+        while isinstance(fn, dist.Independent):
+            fn = fn.base_dist
+        assert isinstance(fn, kind), (name, type(fn))
+    supports = {"a": constraints.unit_interval, "w": constraints.simplex, "r": constraints.positive, "s": constraints.interval(-1.0, 2.0)}
+    for name, support in supports.items():
+        assert support.check(trace.nodes[name]["value"]).all(), name
+    for objective in (ELBO(), IWAE(particles=4)):
+        loss, metrics = objective(model, guide, batch)
+        loss.backward()
+        assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in guide.parameters() if p.grad is not None)
+
+
+def test_analytic_kl_of_a_beta_guide_under_meanfield_elbo():
+    """Beta guide on a Beta prior: the mean-field ELBO's analytic KL (torch's Beta-Beta) equals the
+    Monte Carlo estimate of Trace_ELBO within its error."""
+
+    class BetaModel(Model):
+        def forward(self, x, **batch):
+            with pyro.plate("data", x.shape[0]):
+                z = pyro.sample("z", dist.Beta(x.new_ones(4), 1.0).to_event(1))
+                pyro.sample("x", dist.Bernoulli(probs=z.mean(-1, keepdim=True).expand(z.shape[:-1] + (12,))).to_event(1), obs=x)
+
+    model = BetaModel(SPEC)
+    batch = toy_batch()
+    guide = auto(model, batch)
+    torch.manual_seed(0)
+    _, analytic = MeanFieldELBO()(model, guide, batch)
+    torch.manual_seed(0)
+    _, sampled = ELBO(particles=4000)(model, guide, batch)
+    assert analytic["kl/z"] == pytest.approx(sampled["kl/z"], abs=0.05)
+
+
+def test_dependent_structure_follows_the_inverted_graph():
+    spec = DataSpec("toy", (12,), "binary")
+    model = LadderVAE(LadderVAEConfig(latent_dims=[4, 2], hidden=[[16], [8]]), spec)
+    batch = toy_batch()
+    mean_field = auto(model, batch)
+    dependent = auto(model, batch, structure="dependent")
+    assert mean_field.parents == {"z1": [], "z2": []}
+    assert dependent.order == ["z1", "z2"] and dependent.parents == {"z1": [], "z2": ["z1"]}
+    # q(z2 | x, z1): moving z1 moves q(z2).
+    trace = pyro.poutine.trace(dependent).get_trace(**batch)
+    moved = pyro.poutine.trace(pyro.poutine.condition(dependent, data={"z1": trace.nodes["z1"]["value"] + 1.0})).get_trace(**batch)
+    assert not torch.allclose(trace.nodes["z2"]["fn"].loc, moved.nodes["z2"]["fn"].loc)
+    # and on a particle dim
+    loss, _ = IWAE(particles=3)(model, dependent, batch)
+    assert torch.isfinite(loss)
+
+
+def test_m2_gets_q_y_given_x_and_q_z_given_x_y_and_the_label_is_enumerated():
+    model = families.M2(families.ConditionalConfig(), SPEC)
+    batch = toy_batch(y=torch.randint(0, 3, (16,)), y_mask=torch.arange(16) % 2 == 0)
+    guide = auto(model, batch, structure="dependent")
+    assert guide.order == ["y_unobserved", "z"] and guide.parents["z"] == ["y_unobserved"]
+    assert guide.classify(**batch).shape == (16, 3)
+    loss, metrics = EnumELBO()(model, guide, batch)
+    assert torch.isfinite(loss)
+    with pytest.raises(ConfigError, match="y_unobserved"):
+        ELBO()(model, guide, batch)  # cannot sum the label out: refused by name
+
+
+def test_m2_with_the_auto_guide_trains_end_to_end(tmp_path):
+    config = tiny_experiment(
+        data={"name": "digits", "labels_per_class": 5},
+        model={"name": "m2", "latent_dim": 4, "hidden": [32], "classifier_hidden": [32], "alpha": 5.0},
+        guide={"name": "auto", "hidden": [32], "structure": "dependent"},
+        objective={"name": "enum_elbo"},
+        train={"epochs": 2, "batch_size": 64, "lr": 3e-3},
+    )
+    final = Experiment.from_config(config).train(tmp_path, progress=False)
+    assert torch.isfinite(torch.tensor(final["test_log_likelihood"]))
+    assert 0.0 <= final["test_accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("discrete,reparameterized", [("score_function", False), ("relaxed", True)])
+def test_discrete_sites_score_function_or_relaxed(discrete, reparameterized):
+    model = families.CategoricalVAE(families.DiscreteConfig(), SPEC)
+    batch = toy_batch()
+    guide = auto(model, batch, discrete=discrete)
+    trace = pyro.poutine.trace(guide).get_trace(**batch)
+    assert trace.nodes["z"]["fn"].has_rsample is reparameterized
+    assert set(trace.nodes["z"]["value"].unique().tolist()) <= {0.0, 1.0}  # one-hot draws either way
+    loss, _ = IWAE(particles=3)(model, guide, batch)
+    assert torch.isfinite(loss)
+
+
+def test_what_the_auto_guide_cannot_draft_is_refused_in_one_line():
+    spec = DataSpec("frames", (6, 2), "real", variable_length=True)
+    markov = pyro_style.FrameMarkovModel(pyro_style.MarkovSizes(), spec)
+    data = pyro_style.frames()
+    markov.describe(data.rows("valid", 0, 4))
+    with pytest.raises(PairMismatchError, match=r"^auto guide: FrameMarkovModel's latent site 'z_1' sits in a pyro.markov scope"):
+        AutoGuide(AutoGuideConfig(), spec, markov)
+    with pytest.raises(PairMismatchError, match=r"has not been traced"):
+        AutoGuide(AutoGuideConfig(), SPEC, families.M2(families.ConditionalConfig(), SPEC))
+    with pytest.raises(ConfigError, match=r"structure = 'tree'"):
+        Experiment.from_config(tiny_experiment(guide={"name": "auto", "structure": "tree"}))
+
+
+def test_a_declared_latent_sites_is_checked_against_the_trace():
+    class Declared(Model):
+        latent_sites = property(lambda self: (pyro_style_site("z", (5,)),))
+
+        def forward(self, x, **batch):
+            with pyro.plate("data", x.shape[0]):
+                pyro.sample("z", dist.Normal(x.new_zeros(4), 1.0).to_event(1))
+
+    with pytest.raises(PairMismatchError, match=r"declares latent site 'z' with event shape \(5,\), but its trace samples event shape \(4,\)"):
+        Declared(SPEC).describe(toy_batch())
+
+
+def pyro_style_site(name, shape):
+    from pyrovae import LatentSite
+
+    return LatentSite(name, shape)
+
+
+@pytest.mark.parametrize("structure", ["mean_field", "dependent"])
+def test_the_compiled_step_captures_an_auto_pair(structure):
+    model = families.TwoLayerVAE(families.TwoLayerConfig(), SPEC)
+    batch = toy_batch(rows=32)
+    guide = auto(model, batch, structure=structure)
+    with pyro.validation_enabled(False):  # the fit loop captures after its validated first step
+        results, step, messages = eager_and_compiled(model, guide, ELBO(), batch)
+    assert step.active, messages
+    assert_same(results)
