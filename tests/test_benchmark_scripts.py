@@ -104,3 +104,16 @@ def test_step_overhead_tiny_run_prints_the_traced_ratio():
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert re.search(r"elbo: .*trace ratio [0-9.]+", run.stdout) and re.search(r"iwae_k5: .*trace ratio [0-9.]+", run.stdout), run.stdout
+
+
+def test_auto_guide_step_tiny_run_prints_both_pairs_and_its_ratio():
+    run = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "auto_guide_step.py"), "--steps", "3"], capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.splitlines()
+    assert any(line.startswith("vae: auto/written eager") for line in lines)
+    assert any(line.startswith("ladder: auto/written eager") for line in lines)
+    # Both compiled steps captured their pair (a refusal prints a line saying it runs eagerly).
+    assert not any("running the step eagerly" in line for line in lines), run.stdout
+    assert re.fullmatch(r"ratio=\d+\.\d+", lines[-1])

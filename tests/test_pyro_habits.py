@@ -154,3 +154,22 @@ def test_importing_pyrovae_changes_no_pyro_setting():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_the_readme_lead_example_trains_as_written(tmp_path, monkeypatch, capsys):
+    """The README's opening example, copied into a folder of its own and run from elsewhere."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    lead = readme[: readme.index("## Quickstart")]
+    (python, toml) = [code for language, code in re.findall(r"```(\w+)\n(.*?)```", lead, re.S) if language in ("python", "toml")]
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "mymodels.py").write_text(python)
+    (tmp_path / "project" / "my_experiment.toml").write_text(toml)
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "runs" / "mine"
+    assert main(["train", "project/my_experiment.toml", "--out", str(run), "--set", "train.epochs=2", "--set", "evaluate.particles=20", "--no-progress"]) == 0
+    final = json.loads((run / "final.json").read_text())
+    assert final["test_log_likelihood"] > final["test_elbo"] - 1.0
+    assert (run / "samples.png").exists()
