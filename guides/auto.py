@@ -301,6 +301,9 @@ class AutoGuide(Guide):
             raise PairMismatchError(f"auto guide: family names site {unknown[0]!r}, which {model_name} does not sample (sites: {order})")
         self.order, self.parents, self.enumerated = order, parents, [name for name in order if name in enumerated]
         self.inputs = self._input_layout(description, data, model_name)
+        self.categories = {"y": data.num_classes, "x": data.num_categories}
+        # A label read where its mask is true only (the rows whose label is observed).
+        self.masks = {key: mask for key, mask in self.revealed.values()}
         width = sum(size for _, size in self.inputs)
         self.trunk = _trunk(width, config)
         features = config.hidden[-1] if config.hidden else width
@@ -328,7 +331,7 @@ class AutoGuide(Guide):
             self.classify = self._classify
 
     def _input_layout(self, description, data: DataSpec, model_name: str) -> list[tuple[str, int]]:
-        masks = {key: mask for key, mask in self.revealed.values()}
+        """(batch key, feature width) for every key the model reads; integer keys are one-hot."""
         layout = []
         for key in description.inputs:
             shape, kind = description.input_shapes[key]
@@ -350,8 +353,6 @@ class AutoGuide(Guide):
             else:
                 size = _numel(shape)
             layout.append((key, size))
-        self.categories = {"y": data.num_classes, "x": data.num_categories}
-        self.masks = masks
         return layout
 
     def _features(self, batch: dict) -> torch.Tensor:
@@ -375,8 +376,7 @@ class AutoGuide(Guide):
 
     def _classify(self, **batch) -> torch.Tensor:
         """Class logits of q(y | x) for every row (the enumerated label's head)."""
-        raw = self.root_head(self._hidden(batch)).split(self.root_sizes, -1)[self.root.index(self.label_site)]
-        return raw
+        return self.root_head(self._hidden(batch)).split(self.root_sizes, -1)[self.root.index(self.label_site)]
 
     def forward(self, **batch):
         x = batch["x"]
@@ -389,7 +389,7 @@ class AutoGuide(Guide):
                 if name in raw_roots:
                     raw = raw_roots[name]
                 else:
-                    read = [head_value for head_value in (self.heads[p].encode_value(values[p]) for p in self.parents[name])]
+                    read = [self.heads[p].encode_value(values[p]) for p in self.parents[name]]
                     lead = torch.broadcast_shapes(hidden.shape[:-1], *(v.shape[:-1] for v in read))
                     inputs = torch.cat([hidden.expand(lead + hidden.shape[-1:])] + [v.expand(lead + v.shape[-1:]) for v in read], -1)
                     raw = self.dependent_heads[name](inputs)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.distributions import constraints
 
-from pyrovae import DataSpec, Model, PairMismatchError
+from pyrovae import DataSpec, LatentSite, Model, PairMismatchError
 from pyrovae.errors import ConfigError
 from pyrovae.experiment import Experiment
 from pyrovae.guides.auto import AutoGuide, AutoGuideConfig
@@ -42,7 +42,7 @@ def test_mean_field_auto_is_the_diag_normal_guide():
     auto guide draws the same z with the same log q, so every number equals."""
     model, written = tiny_pair(features=12, latent_dim=3, hidden=(16, 16))
     batch = toy_batch()
-    guide = auto(model, batch)
+    model.describe(batch)
     guide = AutoGuide(AutoGuideConfig(hidden=[16, 16]), SPEC, model)
     assert sum(p.numel() for p in guide.parameters()) == sum(p.numel() for p in written.parameters())
     linear = [m for m in written.encoder if isinstance(m, torch.nn.Linear)]
@@ -193,7 +193,7 @@ def test_what_the_auto_guide_cannot_draft_is_refused_in_one_line():
 
 def test_a_declared_latent_sites_is_checked_against_the_trace():
     class Declared(Model):
-        latent_sites = property(lambda self: (pyro_style_site("z", (5,)),))
+        latent_sites = property(lambda self: (declared_site("z", (5,)),))
 
         def forward(self, x, **batch):
             with pyro.plate("data", x.shape[0]):
@@ -203,9 +203,7 @@ def test_a_declared_latent_sites_is_checked_against_the_trace():
         Declared(SPEC).describe(toy_batch())
 
 
-def pyro_style_site(name, shape):
-    from pyrovae import LatentSite
-
+def declared_site(name, shape):
     return LatentSite(name, shape)
 
 
