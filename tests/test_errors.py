@@ -28,7 +28,7 @@ from tests.conftest import tiny_experiment, tiny_pair
         ({"train": {"epochs": 2.5}}, r"\[train\] epochs = 2.5: expected an integer"),
         ({"train": {"optimizer": "adamax2"}}, r"train.optimizer = 'adamax2' is not allowed: it must be one of adam"),
         ({"objective": {"name": "iwae", "particles": True}}, r"\[objective\] particles = True: expected an integer"),
-        ({"data": {"name": "mymod.nowhere:Loader"}}, r"cannot import module 'mymod.nowhere'"),
+        ({"data": {"name": "mymod.nowhere:Loader"}}, r"cannot find module 'mymod.nowhere' in .* \(the working directory\) or on the import path"),
         ({"extra": {"a": 1}}, r"unknown top-level key 'extra'"),
     ],
 )
