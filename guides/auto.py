@@ -45,11 +45,19 @@ from torch.nn import functional as F
 from pyrovae.distributions import DiagonalNormal
 from pyrovae.errors import PairMismatchError
 from pyrovae.nn import MLP, activation_layer, check_sizes
-from pyrovae.pair import DataSpec, Guide, Model
+from pyrovae.pair import DataSpec, Guide, Model, describe_support
 from pyrovae.registry import GUIDES
 
 STRUCTURES = ("mean_field", "dependent")
 CONTINUOUS_FAMILIES = ("normal", "lognormal", "beta", "logit_normal", "dirichlet", "logistic_normal", "transformed_normal")
+# The families that can draw a site of each support (keyed by the default family of the support).
+FAMILIES_FOR = {
+    "normal": ("normal", "transformed_normal"),
+    "lognormal": ("lognormal", "transformed_normal"),
+    "beta": ("beta", "logit_normal", "transformed_normal"),
+    "dirichlet": ("dirichlet", "logistic_normal", "transformed_normal"),
+    "transformed_normal": ("transformed_normal",),
+}
 DISCRETE_ESTIMATORS = ("score_function", "relaxed")
 # One-hot inputs wider than this are refused (token sequences want a sequence encoder).
 MAX_ONE_HOT_FEATURES = 100_000
@@ -137,7 +145,13 @@ class _SiteHead:
             self.size = _numel(self.event_shape) * (categories if self.kind == "Categorical" else 1)
             self.categories = categories
             return
-        self.family = family or _default_family(site.support)
+        natural = _default_family(site.support)
+        self.family = family or natural
+        if self.family not in FAMILIES_FOR[natural]:
+            raise PairMismatchError(
+                f"auto guide: family {self.family!r} does not fit {model_name}'s site {site.name!r} (support "
+                f"{describe_support(site.support)}); choose one of {', '.join(FAMILIES_FOR[natural])}"
+            )
         if self.family in ("dirichlet", "logistic_normal") and not self.event_shape:
             raise PairMismatchError(f"auto guide: family {self.family!r} needs a vector site, but {site.name!r} is scalar")
         if self.family == "dirichlet":
@@ -259,6 +273,10 @@ class AutoGuide(Guide):
                 "(pyrovae's Experiment does it on the first training rows)"
             )
         self.use_data_plate(description.data_plate)
+        # A model may put its data plate left of dim -1 (other plates to its right): the guide's
+        # values then carry singleton dims there, as the model's do.
+        self.plate_dim = description.data_plate_dim
+        self.extra_dims = -self.plate_dim - 1
         for site in description.latent:
             if site.sequential or site.nested_plates:
                 where = f"plate(s) {list(site.nested_plates)}" if site.nested_plates else "a pyro.markov scope"
@@ -378,12 +396,20 @@ class AutoGuide(Guide):
         """Class logits of q(y | x) for every row (the enumerated label's head)."""
         return self.root_head(self._hidden(batch)).split(self.root_sizes, -1)[self.root.index(self.label_site)]
 
+    def _per_row(self, tensor: torch.Tensor, trailing: int = 0) -> torch.Tensor:
+        """A (B, ...) tensor with singleton dims right of the rows, where the model's data plate
+        sits left of dim -1 (``trailing`` dims stay at the end)."""
+        if not self.extra_dims:
+            return tensor
+        rows, rest = tensor.shape[:1], tensor.shape[tensor.dim() - trailing :] if trailing else ()
+        return tensor.reshape(tuple(rows) + (1,) * self.extra_dims + tuple(rest))
+
     def forward(self, **batch):
         x = batch["x"]
-        hidden = self._hidden(batch)
+        hidden = self._per_row(self._hidden(batch), trailing=1)
         raw_roots = dict(zip(self.root, self.root_head(hidden).split(self.root_sizes, -1))) if self.root else {}
         values = {}
-        with pyro.plate("data", x.shape[0], device=x.device):
+        with pyro.plate("data", x.shape[0], dim=self.plate_dim, device=x.device):
             for name in self.order:
                 head = self.heads[name]
                 if name in raw_roots:
@@ -399,13 +425,12 @@ class AutoGuide(Guide):
                     infer = {"enumerate": "parallel"}
                 if name in self.revealed:
                     label_key, mask_key = self.revealed[name]
-                    hidden_rows = ~batch[mask_key]
-                    q = q.mask(hidden_rows)
+                    q = q.mask(self._per_row(~batch[mask_key]))
                 value = pyro.sample(name, q, infer=infer)
                 if name in self.revealed:
                     # Children read the label where it is observed, the guess where it is hidden.
-                    observed = batch[label_key]
-                    mask = batch[mask_key].reshape(batch[mask_key].shape + (1,) * len(head.event_shape))
+                    observed = self._per_row(batch[label_key], trailing=batch[label_key].dim() - 1)
+                    mask = self._per_row(batch[mask_key]).reshape(self._per_row(batch[mask_key]).shape + (1,) * len(head.event_shape))
                     value = torch.where(mask, observed, value)
                 values[name] = value
 

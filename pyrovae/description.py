@@ -77,6 +77,8 @@ class ModelDescription:
     # False when provenance tracking could not run through the model: then every site is taken to
     # read every batch key and every earlier latent site (still a correct, if larger, guide).
     tracked: bool = True
+    # The data plate's dim (-1 unless the model puts other plates to its right).
+    data_plate_dim: int = -1
     # batch key -> (shape of one row, "float" | "integer" | "bool"), for every tensor of the batch.
     input_shapes: Mapping[str, tuple[tuple[int, ...], str]] = field(default_factory=dict)
 
@@ -174,6 +176,39 @@ def _data_plate(observed: list, latent: list, rows: int, model_name: str) -> str
     )
 
 
+def _check_batch_dims(sites: list, model_name: str) -> None:
+    """Every batch dim of a site with more than one value must be a plate's: a dim no plate declares
+    (a parameter's singleton that broadcast against a plate, say) would be summed into every
+    per-example term without a word."""
+    for site in sites:
+        shape = tuple(site["fn"].batch_shape)
+        plates = {f.dim: f.name for f in site["cond_indep_stack"] if f.vectorized}
+        for index, size in enumerate(shape):
+            dim = index - len(shape)
+            if size > 1 and dim not in plates:
+                declared = ", ".join(f"{name!r} at dim {d}" for d, name in sorted(plates.items())) or "none"
+                raise PairMismatchError(
+                    f"{model_name}'s site {site['name']!r} has batch shape {shape}, but dim {dim} ({size} values) is no "
+                    f"plate's (plates: {declared}): a parameter shaped to broadcast there repeats the site; "
+                    "reshape it to the plates' dims, or move event dims right with .to_event(n)"
+                )
+
+
+def _plate_dim(sites: list, plate: str) -> int:
+    return next((f.dim for s in sites for f in s["cond_indep_stack"] if f.name == plate and f.vectorized), -1)
+
+
+def error_summary(error: BaseException) -> str:
+    """An error's message on one line: its first line, and the next where the first only
+    introduces it (Pyro's "Error while computing log_prob at site 'x':")."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    if lines[0].endswith(":") and len(lines) > 1:
+        return f"{lines[0]} {lines[1]}"
+    return lines[0]
+
+
 def _run(model, batch: Mapping, tracked: bool):
     keys = _BatchKeysOfObservations()
     with torch.no_grad(), poutine.block(), preserved_rng(), pyro.validation_enabled(False):
@@ -214,12 +249,23 @@ def describe_model(model, batch: Mapping) -> ModelDescription:
         trace, keys = _run(model, batch, tracked=True)
     except Exception:  # noqa: BLE001 - an op provenance tracking cannot pass: describe without it
         tracked = False
-        trace, keys = _run(model, batch, tracked=False)
+        try:
+            trace, keys = _run(model, batch, tracked=False)
+        except Exception as error:  # noqa: BLE001 - the model's own mistake, in one line
+            raise PairMismatchError(
+                f"{model_name} failed when traced on the first {rows} rows ({type(error).__name__}: {error_summary(error)})"
+            ) from None
     trace = prune_subsample_sites(trace)
     sites = [
         s for s in trace.nodes.values() if s["type"] == "sample" and not s["infer"].get("is_auxiliary") and not _is_deterministic(s)
     ]
     observed = [s for s in sites if s["is_observed"]]
+    if not observed and not declares_latent_sites(model):
+        raise PairMismatchError(
+            f"{model_name} observes nothing: give the data's site obs=x (e.g. pyro.sample('x', ..., obs=x)); "
+            f"its trace samples {[s['name'] for s in sites]}"
+        )
+    _check_batch_dims(sites, model_name)
     plate = _data_plate(observed, [s for s in sites if not s["is_observed"]], rows, model_name)
     latent_names = [s["name"] for s in sites if not s["is_observed"]]
     all_keys = tuple(sorted(key for key, value in batch.items() if torch.is_tensor(value)))
@@ -276,6 +322,7 @@ def describe_model(model, batch: Mapping) -> ModelDescription:
     return ModelDescription(
         model_name=model_name,
         data_plate=plate,
+        data_plate_dim=_plate_dim(sites, plate),
         rows=rows,
         latent=latent,
         observed=tuple(s for s in described if s.name not in latent_names),
@@ -285,6 +332,13 @@ def describe_model(model, batch: Mapping) -> ModelDescription:
         tracked=tracked,
         input_shapes={key: (tuple(batch[key].shape[1:]), _kind(batch[key])) for key in all_keys},
     )
+
+
+def declares_latent_sites(model) -> bool:
+    """Whether the model's class writes its own ``latent_sites`` (the base class takes them from the trace)."""
+    from pyrovae.pair import Model
+
+    return isinstance(model, Model) and type(model).latent_sites is not Model.latent_sites
 
 
 def _kind(tensor: torch.Tensor) -> str:

@@ -428,12 +428,12 @@ class Model(_TorchOwnedParameters):
         ``"data"`` plate from then on) and the dependencies an automatic guide follows. A
         ``latent_sites`` the class declares is checked against the trace. pyrovae calls this on
         the first batch before training (and ``Experiment`` before building the guide)."""
-        from pyrovae.description import describe_model
+        from pyrovae.description import declares_latent_sites, describe_model
 
         self.use_data_plate(DATA_PLATE)
         description = describe_model(self, batch)
         self.use_data_plate(description.data_plate)
-        if _declares_latent_sites(self):
+        if declares_latent_sites(self):
             description = _checked_declaration(self, description)
         self.__dict__["_pyrovae_description"] = description
         return description
@@ -470,10 +470,6 @@ def _missing_latent_sites(model_name: str) -> str:
         f"{model_name} has not been traced yet, so its latent sites are unknown: call model.describe(batch) "
         f"once (pyrovae's fit and Experiment do), or declare a property `latent_sites`"
     )
-
-
-def _declares_latent_sites(model) -> bool:
-    return type(model).latent_sites is not Model.latent_sites
 
 
 def _checked_declaration(model, description):
@@ -780,7 +776,7 @@ def share_data_plate(model, guide) -> None:
 
 
 def check_particles(model, guide, batch: Mapping[str, object]) -> None:
-    """Run the pair once with two particles as a leading dim (as IWAE and the importance-sampled
+    """Run the pair once with three particles as a leading dim (as IWAE and the importance-sampled
     log-likelihood do); a network that cannot take it is refused in one line, before training.
     Batch-norm layers are made particle safe (:mod:`pyrovae.particles`) before this runs."""
     from pyrovae.traces import guess_max_plate_nesting, preserved_rng, trace_pair
@@ -789,11 +785,14 @@ def check_particles(model, guide, batch: Mapping[str, object]) -> None:
     try:
         nesting = guess_max_plate_nesting(model, guide, rows)
         with torch.no_grad(), poutine.block(), preserved_rng():
-            trace_pair(model, guide, rows, max_plate_nesting=nesting, particles=2)
+            # Three particles over two rows: a particle dim mistaken for the rows cannot pass unseen.
+            trace_pair(model, guide, rows, max_plate_nesting=nesting, particles=3)
     except (PairMismatchError, NotImplementedError):
         raise
     except Exception as error:  # noqa: BLE001 - reported in one line, with what to change
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        from pyrovae.description import error_summary
+
+        first = error_summary(error)
         raise PairMismatchError(
             f"{type(model).__name__}/{type(guide).__name__} cannot take a leading particle dimension "
             f"({type(error).__name__}: {first}); pyrovae evaluates K samples per example at once, latents shaped "
