@@ -53,3 +53,20 @@ def tiny_experiment(**overrides):
         else:
             config[section] = values
     return config
+
+
+def train_with_the_cli(tmp_path, experiment: dict, capsys, name: str = "experiment.toml"):
+    """Write ``experiment`` as a TOML file, ``pyrovae train`` it into ``tmp_path / "run"`` and return
+    (run folder, final.json as printed, the metrics.jsonl records)."""
+    import json
+
+    from pyrovae.cli import main
+    from pyrovae.config import dump_toml
+
+    path = tmp_path / name
+    path.write_text(dump_toml(experiment))
+    run = tmp_path / "run"
+    assert main(["train", str(path), "--out", str(run), "--no-progress"]) == 0, capsys.readouterr().err
+    final = json.loads(capsys.readouterr().out)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return run, final, records

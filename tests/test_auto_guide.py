@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.distributions import constraints
 
-from pyrovae import DataSpec, LatentSite, Model, PairMismatchError
+from pyrovae import DataSpec, LatentSite, Model, PairMismatchError  # noqa: F401
 from pyrovae.errors import ConfigError
 from pyrovae.experiment import Experiment
 from pyrovae.guides.auto import AutoGuide, AutoGuideConfig
@@ -20,14 +20,11 @@ from tests import families, pyro_style
 from tests.conftest import tiny_experiment, tiny_pair
 from tests.test_compiled_step import assert_same, eager_and_compiled
 
-SPEC = DataSpec("toy", (12,), "binary", num_classes=3)
+from tests.test_pair_supports import SPEC, binary_batch
 
 
 def toy_batch(rows=16, **extra):
-    generator = torch.Generator().manual_seed(0)
-    batch = {"x": torch.bernoulli(torch.full((rows, 12), 0.4), generator=generator)}
-    batch.update(extra)
-    return batch
+    return binary_batch(rows, **extra)
 
 
 def auto(model, batch, **options):

@@ -12,12 +12,13 @@ from torch.nn import functional as F
 
 from pyrovae.analysis.classification import clustering_accuracy, label_metrics
 from pyrovae.cli import main
-from pyrovae.config import dump_toml, load_experiment, resolve_config
+from pyrovae.config import load_experiment, resolve_config
 from pyrovae.errors import UnsupportedPairError
 from pyrovae.guides import GMVAEGuide, GMVAEGuideConfig, GMVAEMarginalGuide, GMVAEMarginalGuideConfig
 from pyrovae.models import GMVAE, GMVAEConfig
 from pyrovae.objectives import ELBO, EnumELBO
 from pyrovae.pair import DataSpec, check_pair
+from tests.conftest import train_with_the_cli
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 FEATURES, CLUSTERS, LATENT = 6, 3, 2
@@ -197,12 +198,7 @@ def test_gmvae_trains_from_toml_and_reports_cluster_accuracy(tmp_path, capsys):
         "train": {"epochs": 5, "batch_size": 64, "lr": 3e-3},
         "evaluate": {"particles": 10, "test_examples": 100},
     }
-    path = tmp_path / "gmvae.toml"
-    path.write_text(dump_toml(experiment))
-    run = tmp_path / "run"
-    assert main(["train", str(path), "--out", str(run), "--no-progress"]) == 0, capsys.readouterr().err
-    final = json.loads(capsys.readouterr().out)
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    run, final, records = train_with_the_cli(tmp_path, experiment, capsys, "gmvae.toml")
     assert records[-1]["valid/elbo"] > records[0]["valid/elbo"]
     # Chance with 10 balanced classes is about 0.1 (a little more after the best matching).
     assert 0.2 < final["test_cluster_accuracy"] <= 1.0

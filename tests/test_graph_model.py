@@ -25,7 +25,7 @@ from pyrovae.models.graph import GraphModel, GraphModelConfig
 from pyrovae.pair import DataSpec, check_pair
 from pyrovae.registry import GUIDES
 from pyrovae.traces import trace_pair
-from tests.conftest import tiny_experiment
+from tests.conftest import train_with_the_cli, tiny_experiment
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 SPEC = DataSpec("tiny", (12,), "binary", num_classes=3)
@@ -397,12 +397,7 @@ def test_the_experiment_files_build_their_graph_and_its_automatic_guide(name):
 def test_a_graph_vae_trains_evaluates_and_samples_on_digits(tmp_path, capsys):
     sites = [normal_root("z", 4), bernoulli_x(("z",), (32,))]
     experiment = tiny_experiment(model={"name": "graph", "site": sites}, evaluate={"particles": 10, "test_examples": 100})
-    path = tmp_path / "experiment.toml"
-    path.write_text(dump_toml(experiment))
-    run = tmp_path / "run"
-    assert main(["train", str(path), "--out", str(run), "--no-progress"]) == 0, capsys.readouterr().err
-    final = json.loads(capsys.readouterr().out)
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    run, final, records = train_with_the_cli(tmp_path, experiment, capsys, "experiment.toml")
     assert records[-1]["valid/elbo"] > records[0]["valid/elbo"]
     assert math.isfinite(final["test_log_likelihood"]) and final["test_log_likelihood"] > final["test_elbo"] - 0.5
     assert tomllib.loads((run / "config.toml").read_text())["model"]["site"] == sites
