@@ -49,7 +49,7 @@ from pyrovae.data.splits import DataSplits, check_loader_result
 from pyrovae.errors import ConfigError, RunFolderError
 from pyrovae.pair import Model, share_data_plate
 from pyrovae.traces import preserved_rng
-from pyrovae.registry import SCHEDULES
+from pyrovae.registry import SCHEDULES, split_folder
 from pyrovae.schedules import StepSchedules
 from pyrovae.train import distributed
 from pyrovae.train.denormals import denormals_flushed
@@ -163,7 +163,7 @@ def _construct(section: str, table: dict, *context, registry=None) -> Any:
             return target(config_class(**options), *context)
         return target(*context, **options)
     except (ValueError, TypeError) as error:
-        raise ConfigError(f"[{section}] {table['name']!r}: {error}") from error
+        raise ConfigError(f"[{section}] {split_folder(table['name'])[0]!r}: {error}") from error
 
 
 @dataclass
@@ -185,7 +185,7 @@ class Experiment:
     @classmethod
     def from_config(cls, raw: dict) -> "Experiment":
         config = resolve_config(raw)
-        data = check_loader_result(_construct("data", config["data"]), config["data"]["name"])
+        data = check_loader_result(_construct("data", config["data"]), split_folder(config["data"]["name"])[0])
         torch.manual_seed(config["seed"])
         model = _construct("model", config["model"], data.spec)
         describe_on_first_rows(model, data)
