@@ -81,6 +81,8 @@ class AutoGuideConfig:
     temperature: float = 0.5
     batch_norm: bool = False
     dropout: float = 0.0
+    # The batch keys the encoder reads (None: every key the model observes or conditions on).
+    inputs: list[str] | None = None
 
     def __post_init__(self):
         check_sizes(hidden=self.hidden)
@@ -258,7 +260,8 @@ class _PushedForward(dist.TransformedDistribution):
 class AutoGuide(Guide):
     """The amortized guide drafted from the model's trace (see the module docstring for the
     equations). Options: ``hidden``, ``activation``, ``structure``, ``dependent_hidden``,
-    ``min_scale``, ``family`` (per site), ``discrete``, ``temperature``, ``batch_norm``, ``dropout``."""
+    ``min_scale``, ``family`` (per site), ``discrete``, ``temperature``, ``batch_norm``, ``dropout``,
+    ``inputs`` (the batch keys the encoder reads)."""
 
     Config = AutoGuideConfig
 
@@ -351,7 +354,16 @@ class AutoGuide(Guide):
     def _input_layout(self, description, data: DataSpec, model_name: str) -> list[tuple[str, int]]:
         """(batch key, feature width) for every key the model reads; integer keys are one-hot."""
         layout = []
-        for key in description.inputs:
+        keys = description.inputs
+        if self.config.inputs is not None:
+            unknown = [key for key in self.config.inputs if key not in description.input_shapes]
+            if unknown or not self.config.inputs:
+                raise PairMismatchError(
+                    f"auto guide: inputs = {self.config.inputs!r}: name batch keys the encoder reads, "
+                    f"of {sorted(description.input_shapes)}"
+                )
+            keys = tuple(self.config.inputs)
+        for key in keys:
             shape, kind = description.input_shapes[key]
             if kind == "integer":
                 categories = data.num_classes if key == "y" else data.num_categories if key == "x" else None

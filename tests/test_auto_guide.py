@@ -265,3 +265,12 @@ def test_model_mistakes_are_one_line():
     model.describe(toy_batch())
     with pytest.raises(PairMismatchError, match=r"family 'beta' does not fit TwoLayerVAE's site 'z1' \(support real\); choose one of normal"):
         AutoGuide(AutoGuideConfig(family={"z1": "beta"}), SPEC, model)
+
+
+def test_the_encoder_inputs_can_be_chosen():
+    model = families.ConditionalVAE(families.ConditionalConfig(), SPEC)
+    batch = toy_batch(y=torch.randint(0, 3, (16,)))
+    assert auto(model, batch).inputs == [("x", 12), ("y", 3)]  # the model conditions on y: read one-hot
+    assert auto(model, batch, inputs=["x"]).inputs == [("x", 12)]
+    with pytest.raises(PairMismatchError, match=r"inputs = \['q'\]: name batch keys the encoder reads, of \['x', 'y'\]"):
+        auto(model, batch, inputs=["q"])
