@@ -15,7 +15,7 @@ import torch
 from pyrovae.nn import MLP, check_sizes
 from pyrovae.pair import DataSpec, Guide, Model
 from pyrovae.registry import GUIDES
-from pyrovae.models.cvae import _lead, label_features, normal_head
+from pyrovae.models.cvae import expand_leading, label_features, normal_head
 
 
 @dataclass
@@ -83,7 +83,7 @@ class LabelConditionedEncoder(Guide):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, **batch):
         label = label_features(y, self.data, x.dtype)
-        features = torch.cat([x.reshape(x.shape[0], -1), _lead(label, x.shape[:1])], -1)
+        features = torch.cat([x.reshape(x.shape[0], -1), expand_leading(label, x.shape[:1])], -1)
         with pyro.plate("data", x.shape[0], device=x.device):
             pyro.sample("z", normal_head(self.encoder(features), self.config.min_scale))
 

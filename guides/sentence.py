@@ -9,12 +9,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pyrovae.data.text import PAD
 from pyrovae.distributions import DiagonalNormal
 from pyrovae.errors import DataError
 from pyrovae.nn import LSTMEncoder, check_sizes, real_positions
 from pyrovae.pair import DataSpec, Guide, Model
 from pyrovae.registry import GUIDES
+from pyrovae.tokens import PAD
 
 
 @dataclass

@@ -8,7 +8,9 @@ is the conditional log-likelihood (CLL) log p(y | x) of the paper.
 
 - :class:`CVAEBaseline` (``cvae_baseline``): the deterministic network y_hat = f(x), no latents;
 - :class:`StructuredOutputCVAE` (``cvae``): prior network p(z | x), generation network p(y | x, z),
-  optionally built on a trained baseline (``baseline_run``);
+  optionally built on a trained baseline: the model is given the baseline (``baseline=``); from a
+  TOML experiment, ``baseline_run`` names the run folder the experiment loads it from
+  (:func:`pyrovae.experiment.load_trained_model`, through the class's ``trained_parts``);
 
 and the label-conditioned generator :class:`LabelConditionedVAE` (``label_cvae``): encoder (x, y) -> z,
 decoder (z, y) -> x, for one-hot or multi-hot labels y.
@@ -19,7 +21,6 @@ Notation in the docstrings is the paper's: x the input (the batch's ``c``), y th
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +47,7 @@ def normal_head(output: torch.Tensor, min_scale: float = 1e-4) -> DiagonalNormal
     return DiagonalNormal(loc, F.softplus(raw_scale) + min_scale)
 
 
-def _lead(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+def expand_leading(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """``tensor`` (B, F) broadcast to ``shape + (F,)`` (particle and enumeration dims on the left)."""
     return tensor.expand(tuple(shape) + tensor.shape[-1:])
 
@@ -113,8 +114,8 @@ class CVAEBaseline(Model):
         y_d ~ Bernoulli(y_hat_d)    for each target pixel d  (given pixels masked out)
 
     so log p(y | x) = sum_{d in target} log Bernoulli(y_d | y_hat_d) is exact: its negative is the
-    baseline's NLL. Pair it with the ``no_latents`` guide. Its network is what ``cvae`` loads with
-    ``baseline_run``.
+    baseline's NLL. Pair it with the ``no_latents`` guide. Its trained network is what ``cvae`` is
+    given as ``baseline``.
     """
 
     Config = CVAEBaselineConfig
@@ -148,27 +149,17 @@ class CVAEBaseline(Model):
             pyro.sample("x", target_bernoulli(self.logits(c), c, target), obs=x)
 
 
-def load_baseline(run_dir: Path, data: DataSpec, checkpoint: str = "best") -> CVAEBaseline:
-    """The trained :class:`CVAEBaseline` of a ``cvae_baseline`` run folder (its ``best`` checkpoint)."""
-    from pyrovae.train import BEST, LATEST, load_checkpoint_or_previous
-
-    path = Path(run_dir) / "checkpoints" / (BEST if checkpoint == "best" else LATEST)
-    if not path.exists():
-        raise ValueError(f"baseline_run = {str(run_dir)!r} holds no {path.name}; train the baseline there first "
-                         "(pyrovae train experiments/cvae_quadrants_baseline.toml --out ...)")
-    saved = load_checkpoint_or_previous(path, "cpu", warn=lambda message: print(message, file=sys.stderr))
-    table = dict((saved.get("fingerprint") or {}).get("model") or {})
-    name = table.pop("name", None)
-    if name is None or MODELS.resolve(name) is not CVAEBaseline:
-        raise ValueError(f"baseline_run = {str(run_dir)!r} is a run of model {name!r}, not of 'cvae_baseline'")
-    baseline = CVAEBaseline(CVAEBaselineConfig(**table), data)
-    baseline.load_state_dict(saved["model"])
-    if baseline.trained_on != data.name:
+def check_baseline(baseline, data: DataSpec, run: Path | None = None) -> None:
+    """Refuse a baseline that is not a trained :class:`CVAEBaseline` of the same data."""
+    where = f"baseline_run = {str(run)!r}" if run is not None else "the baseline"
+    if not isinstance(baseline, CVAEBaseline):
+        raise ValueError(f"{where} is a {type(baseline).__name__}, not a trained 'cvae_baseline'")
+    trained_on = getattr(baseline, "trained_on", data.name)  # known once trained parameters were loaded
+    if trained_on != data.name:
         raise ValueError(
-            f"baseline_run = {str(run_dir)!r} was trained on data {baseline.trained_on!r}, but this experiment's data are "
-            f"{data.name!r}: train the baseline on the same quadrants"
+            f"{where} was trained on data {trained_on!r}, but this experiment's data are {data.name!r}: "
+            "train the baseline on the same quadrants"
         )
-    return baseline
 
 
 # --- the CVAE for structured output prediction -------------------------------------------------
@@ -180,6 +171,7 @@ class StructuredOutputCVAEConfig:
     hidden: list[int] = field(default_factory=lambda: [500, 500])
     activation: str = "relu"
     # A cvae_baseline run folder: build on its trained network (Sohn et al.'s baseline-initialised CVAE).
+    # The experiment loads it and gives the model the trained baseline; the model opens no folder.
     baseline_run: Path | None = None
     # Keep training the baseline's network inside the CVAE (false: frozen, as in Pyro's example).
     train_baseline: bool = False
@@ -203,8 +195,9 @@ class StructuredOutputCVAE(Model):
                                                                     for target pixels d only
 
     with h_n = x_n, the input image with -1 at the pixels to predict. Built on a trained baseline
-    (``baseline_run``, Fig. 1d and Pyro's example) the baseline's guess y_hat = sigmoid(f(x)) fills the
-    pixels to predict in the input of the prior and generation networks:
+    (``baseline``, which an experiment loads from the run folder ``baseline_run``; Fig. 1d and Pyro's
+    example) the baseline's guess y_hat = sigmoid(f(x)) fills the pixels to predict in the input of
+    the prior and generation networks:
 
         h_n = x_n at given pixels, y_hat_n at target pixels
 
@@ -214,15 +207,23 @@ class StructuredOutputCVAE(Model):
     """
 
     Config = StructuredOutputCVAEConfig
+    # Trained models of other runs this model is built on: constructor keyword -> the config option
+    # naming the run folder. The experiment loads them (pyrovae.experiment.build_model).
+    trained_parts = {"baseline": "baseline_run"}
 
-    def __init__(self, config: StructuredOutputCVAEConfig, data: DataSpec):
+    def __init__(self, config: StructuredOutputCVAEConfig, data: DataSpec, baseline: CVAEBaseline | None = None):
         super().__init__(data)
         self.config = config
         features = data.x_features
-        self.baseline = None
-        if config.baseline_run is not None:
-            self.baseline = load_baseline(config.baseline_run, data)
-            self.baseline.requires_grad_(config.train_baseline)
+        if baseline is None and config.baseline_run is not None:
+            raise ValueError(
+                f"baseline_run = {str(config.baseline_run)!r}: give the trained baseline itself (baseline=...); "
+                "an experiment loads it from the run folder (pyrovae.experiment.load_trained_model)"
+            )
+        if baseline is not None:
+            check_baseline(baseline, data, config.baseline_run)
+            baseline.requires_grad_(config.train_baseline)
+        self.baseline = baseline
         self.prior_net = MLP(features, config.hidden, 2 * config.latent_dim, activation=config.activation)
         self.generation_net = MLP(features + config.latent_dim, config.hidden, features, activation=config.activation)
         if self.baseline is not None and config.start_at_baseline:
@@ -249,7 +250,7 @@ class StructuredOutputCVAE(Model):
         h, guess = self.network_input(c, target)
         with pyro.plate("data", x.shape[0], device=x.device):
             z = pyro.sample("z", normal_head(self.prior_net(h)))
-            logits = self.generation_net(torch.cat([_lead(h, z.shape[:-1]), z], -1))
+            logits = self.generation_net(torch.cat([expand_leading(h, z.shape[:-1]), z], -1))
             if guess is not None and self.config.start_at_baseline:
                 logits = logits + guess
             pyro.sample("x", target_bernoulli(logits, c, target), obs=x)
@@ -321,5 +322,5 @@ class LabelConditionedVAE(Model):
         label = label_features(y, self.data, x.dtype)
         with pyro.plate("data", x.shape[0], device=x.device):
             z = pyro.sample("z", StandardNormal((x.shape[0],), (self.config.latent_dim,), dtype=x.dtype, device=x.device))
-            features = torch.cat([z, _lead(label, z.shape[:-1])], -1)
+            features = torch.cat([z, expand_leading(label, z.shape[:-1])], -1)
             pyro.sample("x", self.likelihood(self.decoder(features)), obs=x)

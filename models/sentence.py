@@ -21,60 +21,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import pyro
-import pyro.distributions as dist
 import torch
-from pyro.distributions import TorchDistribution
 from torch import nn
-from torch.distributions import constraints
-from torch.nn import functional as F
 
-from pyrovae.data.text import EOS, SPECIAL_TOKENS
 from pyrovae.distributions import StandardNormal
 from pyrovae.errors import DataError
+from pyrovae.likelihoods import WordCategorical
 from pyrovae.nn import DilatedCNNDecoderCore, LSTMDecoderCore, check_sizes, real_positions, teacher_forcing_inputs, word_dropout
 from pyrovae.pair import DataSpec, LatentSite, Model
 from pyrovae.registry import MODELS
+from pyrovae.tokens import EOS, SPECIAL_TOKENS
 
 DECODERS = ("lstm", "dilated_cnn")
-
-
-class WordCategorical(TorchDistribution):
-    """One categorical per position, over the vocabulary, parameterized by unnormalized logits:
-
-        log p(w) = logits_w - log sum_v exp(logits_v)
-
-    the same values and gradients as ``pyro.distributions.Categorical(logits=logits)``
-    (``tests/test_sentence_vae.py`` checks), computed by one fused ``cross_entropy`` instead of
-    normalizing the whole (..., T, V) logits tensor first: at a 10,000-word vocabulary that
-    normalization is a sizeable part of a training step.
-    """
-
-    arg_constraints = {"logits": constraints.real_vector}
-
-    def __init__(self, logits: torch.Tensor, validate_args=None):
-        self.logits = logits
-        super().__init__(logits.shape[:-1], validate_args=validate_args)
-
-    @constraints.dependent_property(is_discrete=True, event_dim=0)
-    def support(self):
-        return constraints.integer_interval(0, self.logits.shape[-1] - 1)
-
-    def expand(self, batch_shape, _instance=None):
-        batch_shape = torch.Size(batch_shape)
-        if batch_shape == self.batch_shape:
-            return self
-        return WordCategorical(self.logits.expand(batch_shape + self.logits.shape[-1:]), validate_args=False)
-
-    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        if self._validate_args:
-            self._validate_sample(value)
-        shape = torch.broadcast_shapes(value.shape, self.batch_shape)
-        logits = self.logits.expand(shape + self.logits.shape[-1:]).reshape(-1, self.logits.shape[-1])
-        words = value.long().expand(shape).reshape(-1)
-        return -F.cross_entropy(logits, words, reduction="none").view(shape)
-
-    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
-        return dist.Categorical(logits=self.logits, validate_args=False).sample(sample_shape)
 
 
 @dataclass

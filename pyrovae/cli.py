@@ -1,19 +1,30 @@
-"""Command line: ``pyrovae train | evaluate | sample | analyze``."""
+"""Command line: ``pyrovae train | evaluate | sample | analyze | active-units | multilabel``.
+
+Every command of the project is here; library modules have no ``main()`` of their own. A command
+opens a run folder through :class:`~pyrovae.experiment.Experiment` and calls analysis functions,
+which take a pair and data.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 import pyrovae
+from pyrovae.analysis.active_units import active_units
+from pyrovae.analysis.multilabel import PROPENSITY_A, PROPENSITY_B, TAIL_FRACTION
 from pyrovae.config import PORTABLE_SETTINGS, load_experiment
 from pyrovae.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, PairMismatchError
 from pyrovae.experiment import Experiment
+from pyrovae.traces import preserved_rng
 from pyrovae.train import distributed
 from pyrovae.train.distributed import DistributedJobError
 
@@ -125,6 +136,38 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help=portable_help)
     analyze.add_argument("--device", help=device_help)
     analyze.add_argument("--no-progress", action="store_true")
+
+    units_help = (
+        "print the active units of every latent site (Burda et al. 2016: dims whose posterior mean E_q[z_d | x] "
+        "varies over the test rows by more than --threshold) as JSON; exit code 1 if a variance is not finite"
+    )
+    units = commands.add_parser("active-units", help=units_help, description=units_help)
+    units.add_argument("run_dir")
+    units.add_argument("--test-examples", type=_count(0, " (0: all)"), default=2000, help="the first N test examples (0: all; default 2000)")
+    units.add_argument("--samples", type=_count(1), default=20, help="guide draws per example for E_q[z | x] (default 20)")
+    units.add_argument("--threshold", type=float, default=0.01, help="a dim is active when its variance exceeds this (default 0.01)")
+    units.add_argument("--checkpoint", choices=["best", "latest"], default="best")
+    units.add_argument("--seed", type=int, default=0)
+    units.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help=portable_help)
+    units.add_argument("--device", help=device_help)
+
+    multilabel_help = (
+        "print multi-label metrics (P@k, PSP@k, Hamming loss, tail recall) of the label_scores of trained runs "
+        "on multi-hot labels, one JSON line per run"
+    )
+    multilabel = commands.add_parser("multilabel", help=multilabel_help, description=multilabel_help)
+    multilabel.add_argument("runs", nargs="+", type=Path, help="run folders written by pyrovae train")
+    multilabel.add_argument("--split", default="test", choices=("train", "valid", "test"))
+    multilabel.add_argument("--checkpoint", default="best", choices=("best", "latest"))
+    multilabel.add_argument("--threshold", type=float, default=0.5, help="a label is predicted when its probability is at least this")
+    multilabel.add_argument(
+        "--tail-fraction", type=float, default=TAIL_FRACTION, help="the rarest fraction of labels counted as the tail"
+    )
+    multilabel.add_argument("--propensity-a", type=float, default=PROPENSITY_A)
+    multilabel.add_argument("--propensity-b", type=float, default=PROPENSITY_B)
+    multilabel.add_argument("--out", type=Path, help="also write the metrics of each run as JSON lines to this file")
+    multilabel.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help=portable_help)
+    multilabel.add_argument("--device", help=device_help)
     return parser
 
 
@@ -170,6 +213,10 @@ def main(argv: list[str] | None = None) -> int:
                 experiment.evaluate_config.test_examples = args.test_examples
             analysis = experiment.analyze(args.run_dir, samples=args.samples, points=args.points, checkpoint=which, progress=not args.no_progress)
             print(analysis.report)
+        elif args.command == "active-units":
+            return _active_units(args, overrides)
+        elif args.command == "multilabel":
+            return _multilabel(args, overrides)
     except USER_ERRORS as error:
         # One line: an error raised inside a Pyro trace comes back with the trace's shape table appended.
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -186,6 +233,47 @@ def main(argv: list[str] | None = None) -> int:
         if distributed.launched_world_size() > 1 and args.command == "train":
             signal.signal(signal.SIGTERM, signal.SIG_DFL)  # leaving: a late SIGTERM just ends the process
         distributed.shutdown()
+    return 0
+
+
+def _active_units(args, overrides: list[str]) -> int:
+    """``pyrovae active-units RUN_DIR``: the active units of every latent site on the first test rows."""
+    experiment = Experiment.from_run(args.run_dir, overrides, command="active-units")
+    experiment.load_parameters(args.run_dir, args.checkpoint)
+    limit = args.test_examples or None
+    test = experiment.data.rows("test", 0, min(limit or experiment.data.size("test"), experiment.data.size("test")))
+    with preserved_rng():
+        torch.manual_seed(args.seed)
+        units = active_units(experiment.model, experiment.guide, test, args.threshold, args.samples, experiment.inputs())
+    sites = {name: value.as_dict() for name, value in units.items()}
+    report = {
+        "run": str(args.run_dir),
+        "checkpoint": args.checkpoint,
+        "test_examples": int(test["x"].shape[0]),
+        "samples": args.samples,
+        "threshold": args.threshold,
+        "sites": sites,
+    }
+    print(json.dumps(report, indent=2))
+    return 0 if all(math.isfinite(site["max_variance"]) for site in sites.values()) else 1
+
+
+def _multilabel(args, overrides: list[str]) -> int:
+    """``pyrovae multilabel RUN_DIR ...``: multi-label metrics of each run's ``label_scores`` on one split."""
+    options = dict(
+        threshold=args.threshold, tail_fraction=args.tail_fraction, propensity_a=args.propensity_a, propensity_b=args.propensity_b
+    )
+    records = []
+    for run in args.runs:
+        experiment = Experiment.from_run(run, overrides, command="multilabel")
+        experiment.load_parameters(run, args.checkpoint)
+        metrics = experiment.multilabel_metrics(split=args.split, **options)
+        if not metrics:
+            raise ConfigError(f"{run}: the data have no multi-hot labels, or neither the model nor the guide has label_scores")
+        records.append({"run": str(run), "split": args.split, "checkpoint": args.checkpoint, **metrics})
+        print(json.dumps(records[-1]))
+    if args.out is not None:
+        args.out.write_text("".join(json.dumps(record) + "\n" for record in records))
     return 0
 
 

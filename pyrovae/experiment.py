@@ -47,9 +47,9 @@ from pyrovae.config import (
 )
 from pyrovae.data.splits import DataSplits, check_loader_result
 from pyrovae.errors import ConfigError, RunFolderError
-from pyrovae.pair import Model, share_data_plate
+from pyrovae.pair import DataSpec, Model, share_data_plate
 from pyrovae.traces import preserved_rng
-from pyrovae.registry import SCHEDULES, split_folder
+from pyrovae.registry import MODELS, SCHEDULES, split_folder
 from pyrovae.schedules import StepSchedules
 from pyrovae.train import distributed
 from pyrovae.train.denormals import denormals_flushed
@@ -61,7 +61,6 @@ from pyrovae.train import (
     fit,
     load_checkpoint_or_previous,
     previous_path,
-    resolve_device,
 )
 
 CONFIG_FILE = "config.toml"
@@ -154,16 +153,48 @@ def describe_on_first_rows(model, data: DataSplits) -> None:
     model.describe({**example, **(defaults if isinstance(defaults, dict) else {})})
 
 
-def _construct(section: str, table: dict, *context, registry=None) -> Any:
+def _construct(section: str, table: dict, *context, registry=None, parts: dict | None = None) -> Any:
     target = (registry or PART_REGISTRIES[section]).resolve(table["name"], f"[{section}] name")
     options = _options(table)
     config_class = getattr(target, "Config", None)
     try:
         if config_class is not None:
-            return target(config_class(**options), *context)
-        return target(*context, **options)
+            return target(config_class(**options), *context, **(parts or {}))
+        return target(*context, **options, **(parts or {}))
     except (ValueError, TypeError) as error:
         raise ConfigError(f"[{section}] {split_folder(table['name'])[0]!r}: {error}") from error
+
+
+def build_model(table: dict, data: DataSpec) -> Any:
+    """The model of a ``[model]`` table, on data ``data``. A model built on the trained model of
+    another run declares ``trained_parts = {keyword: option}``: where the table sets ``option`` (a
+    run folder), that run's trained model is loaded here (:func:`load_trained_model`) and given to
+    the constructor as ``keyword``, so models never open run folders themselves."""
+    target = MODELS.resolve(table["name"], "[model] name")
+    parts = {}
+    for keyword, option in getattr(target, "trained_parts", {}).items():
+        if table.get(option) is not None:
+            parts[keyword] = load_trained_model(table[option], data, where=f"[model] {option} = {str(table[option])!r}")
+    return _construct("model", table, data, parts=parts)
+
+
+def load_trained_model(run_dir: str | Path, data: DataSpec, checkpoint: str = "best", where: str | None = None) -> Any:
+    """The trained model of a run folder, on the CPU: built from the ``[model]`` table its checkpoint
+    records, on data ``data``, with the checkpoint's ``best`` or ``latest`` parameters (falling back,
+    with a message, to the previous copy of a damaged file). ``where`` names the setting that asked
+    for it in messages."""
+    run_dir = Path(run_dir)
+    where = where or str(run_dir)
+    path = run_dir / "checkpoints" / (BEST if checkpoint == "best" else LATEST)
+    if not path.exists():
+        raise ConfigError(f"{where}: the folder holds no {path.name}; train that run there first")
+    saved = load_checkpoint_or_previous(path, "cpu", warn=lambda message: print(message, file=sys.stderr))
+    table = dict((saved.get("fingerprint") or {}).get("model") or {})
+    if "name" not in table:
+        raise ConfigError(f"{where}: {path} records no [model] table; it was not written by pyrovae train")
+    model = build_model(table, data)
+    model.load_state_dict(saved["model"])
+    return model
 
 
 @dataclass
@@ -187,7 +218,7 @@ class Experiment:
         config = resolve_config(raw)
         data = check_loader_result(_construct("data", config["data"]), split_folder(config["data"]["name"])[0])
         torch.manual_seed(config["seed"])
-        model = _construct("model", config["model"], data.spec)
+        model = build_model(config["model"], data.spec)
         describe_on_first_rows(model, data)
         guide = _construct("guide", config["guide"], data.spec, model)
         share_data_plate(model, guide)
@@ -416,21 +447,24 @@ class Experiment:
             **{f"schedule/{name}": value for name, value in inputs.items()},
         }
 
-    def multilabel_metrics(self, inputs: dict) -> dict:
-        """Multi-label ranking metrics of a part's ``label_scores`` on the test split, with propensities
-        and tail labels from the training labels (empty for other data or pairs)."""
-        from pyrovae.analysis.classification import _method
+    def multilabel_metrics(self, inputs: dict | None = None, split: str = "test", **options) -> dict:
+        """Multi-label ranking metrics (P@k, PSP@k, Hamming loss, tail recall ...) of a part's
+        ``label_scores`` on every row of ``split``, with propensities and tail labels from the training
+        labels; empty for other data or pairs. ``inputs``: the scheduled inputs (default: at the loaded
+        step); ``options``: those of :func:`pyrovae.analysis.multilabel.pair_multilabel_metrics`
+        (``ks``, ``threshold``, ``tail_fraction``, ``propensity_a``, ``propensity_b``)."""
+        from pyrovae.analysis.classification import part_method
 
-        if self.data.spec.label_format != "multi_hot" or _method("label_scores", self.guide, self.model) is None:
+        if self.data.spec.label_format != "multi_hot" or part_method("label_scores", self.guide, self.model) is None:
             return {}
         from pyrovae.analysis.multilabel import pair_multilabel_metrics
-
         from pyrovae.data.sparse import is_sparse_rows
 
         labels = self.data.train["y"]
         train_labels = self.data.csr("train", "y") if is_sparse_rows(labels) else labels
-        test = self.data.rows("test", 0, self.data.size("test"))
-        return pair_multilabel_metrics(self.model, self.guide, test, train_labels, self.evaluate_config.batch_size, inputs)
+        rows = self.data.rows(split, 0, self.data.size(split))  # rows held sparse stay so until sliced a batch at a time
+        inputs = self.inputs() if inputs is None else inputs
+        return pair_multilabel_metrics(self.model, self.guide, rows, train_labels, self.evaluate_config.batch_size, inputs, **options)
 
     def latent_metrics(self, rows: int, inputs: dict) -> dict:
         """I(x; z) and the active units of every latent site on the first ``rows`` test examples

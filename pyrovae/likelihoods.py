@@ -6,7 +6,8 @@ the data's shape (``forward``), and checks that data lies in its support
 (``check_data``) so a mismatch is an error, never a silent NaN.
 
 Heads: ``bernoulli``, ``gaussian``, ``categorical`` and ``multinomial`` (counts over a vector of
-categories, with N = the row's total; :class:`MultinomialLogits`).
+categories, with N = the row's total; :class:`MultinomialLogits`). :class:`WordCategorical` is the
+per-position categorical over a vocabulary that the sentence models observe words with.
 """
 
 from __future__ import annotations
@@ -136,6 +137,45 @@ class CategoricalLikelihood(Likelihood):
                 f"Categorical likelihood needs integer data in [0, {self.num_categories - 1}], "
                 f"but x has values in [{float(x.min()):g}, {float(x.max()):g}] ({_first_offender(bad, x)})"
             )
+
+
+class WordCategorical(TorchDistribution):
+    """One categorical per position, over the vocabulary, parameterized by unnormalized logits:
+
+        log p(w) = logits_w - log sum_v exp(logits_v)
+
+    the same values and gradients as ``pyro.distributions.Categorical(logits=logits)``
+    (``tests/test_sentence_vae.py`` checks), computed by one fused ``cross_entropy`` instead of
+    normalizing the whole (..., T, V) logits tensor first: at a 10,000-word vocabulary that
+    normalization is a sizeable part of a training step. The sentence models' word site.
+    """
+
+    arg_constraints = {"logits": constraints.real_vector}
+
+    def __init__(self, logits: torch.Tensor, validate_args=None):
+        self.logits = logits
+        super().__init__(logits.shape[:-1], validate_args=validate_args)
+
+    @constraints.dependent_property(is_discrete=True, event_dim=0)
+    def support(self):
+        return constraints.integer_interval(0, self.logits.shape[-1] - 1)
+
+    def expand(self, batch_shape, _instance=None):
+        batch_shape = torch.Size(batch_shape)
+        if batch_shape == self.batch_shape:
+            return self
+        return WordCategorical(self.logits.expand(batch_shape + self.logits.shape[-1:]), validate_args=False)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        shape = torch.broadcast_shapes(value.shape, self.batch_shape)
+        logits = self.logits.expand(shape + self.logits.shape[-1:]).reshape(-1, self.logits.shape[-1])
+        words = value.long().expand(shape).reshape(-1)
+        return -F.cross_entropy(logits, words, reduction="none").view(shape)
+
+    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        return dist.Categorical(logits=self.logits, validate_args=False).sample(sample_shape)
 
 
 class MultinomialLogits(TorchDistribution):

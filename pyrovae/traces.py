@@ -214,7 +214,7 @@ def log_weight_terms(model_trace, guide_trace, max_plate_nesting: int, with_part
     ones (:func:`reported_log_prob`: masks honoured, beta undone). The guide term of an
     enumerated guide site is left out: summing the weights over its values (see
     :func:`log_weights`) is the exact sum that replaces sampling it (for elements a mask
-    hides from the site, the sum becomes an average: see ``_enumeration_mass``).
+    hides from the site, the sum becomes an average: see ``enumeration_mass``).
     """
     read = (lambda site: site["log_prob"]) if scaled else reported_log_prob
     reconstruction = 0.0
@@ -228,12 +228,12 @@ def log_weight_terms(model_trace, guide_trace, max_plate_nesting: int, with_part
             term = term - per_datapoint(guide_site, read(guide_site), max_plate_nesting, with_particles)
         enumerated = guide_site if guide_site is not None else site  # where the values were drawn
         if is_enumerated(enumerated):
-            term = term - per_datapoint(enumerated, _enumeration_mass(enumerated, read), max_plate_nesting, with_particles)
+            term = term - per_datapoint(enumerated, enumeration_mass(enumerated, read), max_plate_nesting, with_particles)
         latent_terms[name] = term
     return reconstruction, latent_terms
 
 
-def _enumeration_mass(site, read) -> torch.Tensor:
+def enumeration_mass(site, read) -> torch.Tensor:
     """log sum over an enumerated site's values of its (masked) density, per element: 0 where
     the density is normalized, log |support| where a mask zeroed it. Subtracting it turns the
     sum over values into the right average for masked elements (e.g. labelled rows of an

@@ -21,8 +21,8 @@ from pyrovae.config import dump_toml, load_experiment, resolve_config
 from pyrovae import DataSpec
 from pyrovae.data import make_splits
 from pyrovae.data.quadrants import quadrant_target, quadrants, split_quadrants
-from pyrovae.errors import DataError
-from pyrovae.experiment import Experiment
+from pyrovae.errors import ConfigError, DataError
+from pyrovae.experiment import Experiment, load_trained_model
 from pyrovae.guides.cvae import ConditionalEncoderConfig, NoLatentsConfig, NoLatentsGuide, RecognitionGuide
 from pyrovae.models.cvae import (
     CVAEBaseline,
@@ -45,10 +45,14 @@ def digits_quadrants(given: int = 1):
     return quadrants(source="digits", given_quadrants=given)
 
 
-def cvae_pair(given: int = 1, **options):
+def cvae_pair(given: int = 1, baseline_run=None, **options):
+    """A small CVAE and its recognition guide; with ``baseline_run``, built on that run's trained
+    baseline, loaded by the experiment layer and given to the model."""
     spec = digits_quadrants(given).spec
     torch.manual_seed(0)
-    model = StructuredOutputCVAE(StructuredOutputCVAEConfig(latent_dim=4, hidden=[32], **options), spec)
+    baseline = None if baseline_run is None else load_trained_model(baseline_run, spec)
+    config = StructuredOutputCVAEConfig(latent_dim=4, hidden=[32], baseline_run=baseline_run, **options)
+    model = StructuredOutputCVAE(config, spec, baseline=baseline)
     guide = RecognitionGuide(ConditionalEncoderConfig(hidden=[32]), spec, model)
     return model, guide
 
@@ -360,6 +364,16 @@ def test_a_baseline_of_other_data_or_another_model_is_refused(baseline_run, tmp_
         cvae_pair(given=2, baseline_run=run)
     with pytest.raises(ValueError, match="holds no best.pt"):
         cvae_pair(baseline_run=tmp_path)
+    spec = digits_quadrants(1).spec
+    with pytest.raises(ValueError, match="is a StructuredOutputCVAE, not a trained 'cvae_baseline'"):
+        StructuredOutputCVAE(StructuredOutputCVAEConfig(latent_dim=4, hidden=[32]), spec, baseline=cvae_pair()[0])
+    # The model is given the trained baseline; it never opens the run folder itself.
+    with pytest.raises(ValueError, match="give the trained baseline itself"):
+        StructuredOutputCVAE(StructuredOutputCVAEConfig(latent_dim=4, hidden=[32], baseline_run=run), spec)
+    # From an experiment, the baseline is loaded from baseline_run and its data are checked, in one line.
+    table = experiment_table(given=2, model={"name": "cvae", "latent_dim": 4, "hidden": [32], "baseline_run": str(run)})
+    with pytest.raises(ConfigError, match=r"\[model\] 'cvae': baseline_run = .* was trained on data 'digits-quadrants-1'"):
+        Experiment.from_config(table)
     with pytest.raises(ValueError, match="train_baseline = true needs a baseline_run"):
         StructuredOutputCVAEConfig(train_baseline=True)
     with pytest.raises(ValueError, match="no_latents is for models without latent variables"):

@@ -415,10 +415,8 @@ def test_trains_from_toml_with_per_layer_warm_up_then_evaluates_and_samples(tmp_
     assert main(["sample", str(run), "--out", str(out)]) == 0
     assert out.stat().st_size > 100
     # Active units per layer from the run folder.
-    from pyrovae.analysis.active_units import main as active_units_main
-
     capsys.readouterr()
-    assert active_units_main([str(run), "--test-examples", "100", "--samples", "4"]) == 0
+    assert main(["active-units", str(run), "--test-examples", "100", "--samples", "4"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert set(report["sites"]) == {"z1", "z2"}
     assert report["sites"]["z1"]["dims"] == 8 and 0 <= report["sites"]["z1"]["active"] <= 8

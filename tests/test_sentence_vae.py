@@ -13,7 +13,7 @@ from pyrovae.errors import DataError
 from pyrovae.experiment import Experiment
 from pyrovae.guides import NoLatentsConfig, NoLatentsGuide, SentenceLSTMGuide, SentenceLSTMGuideConfig
 from pyrovae.models import LanguageModel, LanguageModelConfig, SentenceVAE, SentenceVAEConfig
-from pyrovae.models.sentence import WordCategorical
+from pyrovae.likelihoods import WordCategorical
 from pyrovae.nn import teacher_forcing_inputs, word_dropout
 from pyrovae.objectives import build_objective
 from pyrovae.pair import DataSpec, check_pair

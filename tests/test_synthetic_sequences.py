@@ -14,7 +14,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from pyrovae.analysis import importance_log_likelihood
+from pyrovae.analysis import grid_posterior, importance_log_likelihood
 from pyrovae.config import load_experiment, resolve_config
 from pyrovae.data import EOS, PAD, LatentLSTMGenerator, synthetic_lstm
 from pyrovae.data.synthetic_sequences import FIRST_WORD, generator_of
@@ -91,7 +91,7 @@ def test_the_experiments_true_posterior_is_narrow_so_x_tells_about_z():
     options = {**options, "train": 10, "valid": 10, "test": 40}
     data = synthetic_lstm(**{key: value for key, value in options.items() if key != "name"})
     test = data.rows("test", 0, 40)
-    truth = collapse.grid_posterior(generator_of(options).model, test, torch.linspace(-8, 8, 321))
+    truth = grid_posterior(generator_of(options).model, test, torch.linspace(-8, 8, 321))
     assert truth.edge_weight < 1e-8
     # The prior's standard deviation is 1; the posterior's is a fraction of it (0.25 measured on 500
     # sentences), I(x; z) is well above 0 (1.5 nats measured), and the mean follows the true z.
@@ -127,7 +127,7 @@ def test_grid_posterior_equals_the_closed_form_of_a_gaussian_model(scale):
     torch.manual_seed(0)
     dims = 4
     x = torch.randn(7, dims) * 1.5 + torch.linspace(-2, 2, 7).unsqueeze(-1)
-    posterior = collapse.grid_posterior(lambda **b: gaussian_model(**b, scale=scale), {"x": x}, torch.linspace(-20, 20, 1601))
+    posterior = grid_posterior(lambda **b: gaussian_model(**b, scale=scale), {"x": x}, torch.linspace(-20, 20, 1601))
     # p(z | x) = N(m, s^2): 1/s^2 = 1 + D/scale^2, m = s^2 sum_d x_d / scale^2.
     variance = 1 / (1 + dims / scale**2)
     mean = variance * x.sum(-1) / scale**2
@@ -147,8 +147,8 @@ def test_grid_posterior_of_a_sentence_vae_agrees_with_importance_sampling():
     experiment = Experiment.from_config(_tiny_config("synthetic_collapse_basic.toml"))
     test = experiment.data.rows("test", 0, 12)
     grid = torch.linspace(-10, 10, 401)
-    whole = collapse.grid_posterior(experiment.model, test, grid)
-    chunked = collapse.grid_posterior(experiment.model, test, grid, max_rows=12 * 7)
+    whole = grid_posterior(experiment.model, test, grid)
+    chunked = grid_posterior(experiment.model, test, grid, max_rows=12 * 7)
     assert torch.allclose(whole.mean, chunked.mean, atol=1e-5) and torch.allclose(whole.log_marginal, chunked.log_marginal, atol=1e-4)
     # At initialisation the posterior is close to the prior (std about 1), so importance sampling
     # from the prior is accurate: K = 5,000 leaves errors of about 0.005 nats (0.002 at K = 20,000).
@@ -158,7 +158,7 @@ def test_grid_posterior_of_a_sentence_vae_agrees_with_importance_sampling():
     assert not torch.allclose(whole.log_marginal, sampled + 0.1, atol=0.03)
     with pytest.raises(ValueError, match="scalar 'z'"):
         wide = Experiment.from_config(_tiny_config("synthetic_collapse_basic.toml", ["model.latent_dim=2"]))
-        collapse.grid_posterior(wide.model, test, grid)
+        grid_posterior(wide.model, test, grid)
 
 
 def prior_guide(x, **batch):

@@ -42,6 +42,7 @@ from pyrovae.analysis.active_units import ActiveUnits, active_units, posterior_m
 from pyrovae.analysis.likelihood import importance_log_likelihood
 from pyrovae.analysis.classification import clustering_accuracy, label_metrics
 from pyrovae.analysis.conditional import class_grid, completion_grid, generated_label_accuracy, label_samples
+from pyrovae.analysis.quadrature import GridPosterior, grid_posterior
 from pyrovae.analysis.plots import (
     observation_distributions,
     observation_means,
@@ -61,6 +62,8 @@ __all__ = [
     "label_samples",
     "clustering_accuracy",
     "label_metrics",
+    "GridPosterior",
+    "grid_posterior",
     "importance_log_likelihood",
     "observation_distributions",
     "observation_means",

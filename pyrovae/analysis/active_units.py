@@ -9,17 +9,12 @@ ladder guide, z_1's mean depends on the z_2 drawn): it is estimated by averaging
 q(z_s | parents, x) over ``samples`` joint draws of the guide, which are vectorized by
 ``pyro.plate("particles", samples)``. Sites whose distribution has no ``mean`` average their draws.
 
-Command line, on a run folder::
-
-    python -m pyrovae.analysis.active_units RUN_DIR [--test-examples 2000] [--samples 20] [--threshold 0.01]
+On a run folder: ``pyrovae active-units RUN_DIR [--test-examples 2000] [--samples 20] [--threshold 0.01]``
+(``pyrovae evaluate`` with ``evaluate.latent_metrics`` and ``pyrovae analyze`` report them too).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
-import sys
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -27,7 +22,7 @@ import pyro
 import torch
 from pyro import poutine
 
-from pyrovae.traces import PARTICLE_PLATE, batch_device, inspect_pair, latent_sites, preserved_rng
+from pyrovae.traces import PARTICLE_PLATE, batch_device, inspect_pair, latent_sites
 
 
 @dataclass(frozen=True)
@@ -91,36 +86,3 @@ def active_units(
         variance = means.double().var(0, unbiased=False)
         result[name] = ActiveUnits(active=int((variance > threshold).sum()), dims=int(variance.numel()), variance=variance)
     return result
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pyrovae.analysis.active_units", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir")
-    parser.add_argument("--test-examples", type=int, default=2000, help="first N test examples (0: all)")
-    parser.add_argument("--samples", type=int, default=20, help="guide draws per example for E_q[z | x]")
-    parser.add_argument("--threshold", type=float, default=0.01)
-    parser.add_argument("--checkpoint", choices=["best", "latest"], default="best")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    from pyrovae.experiment import Experiment
-
-    experiment = Experiment.from_run(args.run_dir, command="active_units")
-    experiment.load_parameters(args.run_dir, args.checkpoint)
-    limit = args.test_examples or None
-    test = {key: value[:limit] for key, value in experiment.data.test.items()}
-    with preserved_rng():
-        torch.manual_seed(args.seed)
-        units = active_units(experiment.model, experiment.guide, test, args.threshold, args.samples, experiment.inputs())
-    report = {
-        "run": str(args.run_dir),
-        "test_examples": int(test["x"].shape[0]),
-        "samples": args.samples,
-        "threshold": args.threshold,
-        "sites": {name: value.as_dict() for name, value in units.items()},
-    }
-    print(json.dumps(report, indent=2))
-    return 0 if all(math.isfinite(v.as_dict()["max_variance"]) for v in units.values()) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -41,7 +41,9 @@ def clustering_accuracy(assignments, labels, num_clusters: int | None = None, nu
     return float(counts[rows, columns].sum()) / assignments.size
 
 
-def _method(name: str, *parts) -> Callable | None:
+def part_method(name: str, *parts) -> Callable | None:
+    """The optional method ``name`` of the first of ``parts`` that has it (callers pass the guide,
+    then the model), or None."""
     for part in parts:
         method = getattr(part, name, None)
         if callable(method):
@@ -74,11 +76,11 @@ def label_metrics(
     for module in modules:
         module.eval()
     try:
-        classify = _method("classify", guide, model)
+        classify = part_method("classify", guide, model)
         if classify is not None:
             predicted = _over_batches(classify, data, batch_size, inputs).argmax(-1)
             metrics["accuracy"] = float((predicted == y).double().mean())
-        cluster = _method("cluster", guide, model)
+        cluster = part_method("cluster", guide, model)
         if cluster is not None:
             probabilities = _over_batches(cluster, data, batch_size, inputs)
             metrics["cluster_accuracy"] = clustering_accuracy(

@@ -28,7 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pyrovae.analysis.plots import _evaluation_mode, observation_means  # noqa: E402
+from pyrovae.analysis.plots import evaluation_mode, observation_means  # noqa: E402
 
 
 def prior_predictive_means(model, batch: Mapping, samples: int = 1) -> torch.Tensor:
@@ -36,7 +36,7 @@ def prior_predictive_means(model, batch: Mapping, samples: int = 1) -> torch.Ten
     each run on the whole ``batch`` (its conditioning keys: labels ``y``, a context ``c`` ...)."""
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
-    with _evaluation_mode(model):
+    with evaluation_mode(model):
         return torch.stack([observation_means(model, None, dict(batch), from_prior=True) for _ in range(samples)])
 
 

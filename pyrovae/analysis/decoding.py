@@ -29,7 +29,7 @@ import torch
 from pyro import poutine
 from torch.nn import functional as F
 
-from pyrovae.analysis.plots import _evaluation_mode
+from pyrovae.analysis.plots import evaluation_mode
 from pyrovae.data.text import BOS, EOS, PAD
 from pyrovae.nn import real_positions
 
@@ -37,7 +37,7 @@ from pyrovae.nn import real_positions
 @contextlib.contextmanager
 def _evaluating(*parts):
     """Evaluation mode (no dropout, no word dropout) and no gradients, restoring the modes after."""
-    with _evaluation_mode(*parts), torch.no_grad():
+    with evaluation_mode(*parts), torch.no_grad():
         yield
 
 

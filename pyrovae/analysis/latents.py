@@ -20,8 +20,8 @@ from pyrovae.analysis.posterior import PosteriorDraws, az, draw_posterior, evalu
 from pyrovae.traces import (
     DATA_PLATE,
     PARTICLE_PLATE,
-    _enumeration_mass,
     batch_device,
+    enumeration_mass,
     inspect_pair,
     is_enumerated,
     latent_sites,
@@ -206,5 +206,5 @@ def _guide_log_density(guide, batch, values, nesting, enumerate) -> torch.Tensor
         log_prob = reported_log_prob(site)
         total = total + per_datapoint(site, log_prob, nesting, True)
         if is_enumerated(site):
-            total = total - per_datapoint(site, _enumeration_mass(site, reported_log_prob), nesting, True)
+            total = total - per_datapoint(site, enumeration_mass(site, reported_log_prob), nesting, True)
     return sum_out_enumeration(total, True)

@@ -27,23 +27,19 @@ model (as ``classify`` is for integer labels in :mod:`pyrovae.analysis.classific
 
 - ``label_scores(**batch) -> (B, L)``: the probability that each label is present, in [0, 1].
 
-:func:`pair_multilabel_metrics` reads it on every row of a split; ``python -m
-pyrovae.analysis.multilabel RUN_DIR`` evaluates a run folder's test split with it.
+:func:`pair_multilabel_metrics` reads it on every row of a split; ``pyrovae multilabel RUN_DIR``
+evaluates a run folder's test split with it.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
-from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 
-from pyrovae.analysis.classification import _method
+from pyrovae.analysis.classification import part_method
 
 DEFAULT_KS = (1, 3, 5)
 PROPENSITY_A = 0.55
@@ -275,7 +271,7 @@ def _tally(train_labels, ks, threshold, tail_fraction, propensity_a, propensity_
 def _score_batches(model, guide, data: Mapping, batch_size: int, inputs: Mapping | None):
     """(batch, label_scores of the batch) for every batch of ``data``, in evaluation mode and
     without gradients; nothing when neither part has ``label_scores``."""
-    method = _method("label_scores", guide, model)
+    method = part_method("label_scores", guide, model)
     if method is None:
         return
     modules = [part for part in (model, guide) if isinstance(part, torch.nn.Module)]
@@ -327,57 +323,3 @@ def pair_multilabel_metrics(
             tally = _tally(train_labels, ks, threshold, tail_fraction, propensity_a, propensity_b)
         tally.add(scores, batch["y"])
     return {} if tally is None else tally.metrics()
-
-
-def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "best", **options) -> dict[str, float]:
-    """:func:`pair_multilabel_metrics` of a trained run folder's pair on one split (its ``best`` or
-    ``latest`` parameters), with propensities and tail from its training split."""
-    from pyrovae.experiment import Experiment
-
-    experiment = Experiment.from_run(run_dir, command="evaluate")
-    experiment.load_parameters(run_dir, checkpoint)
-    data = experiment.data
-    from pyrovae.data.sparse import is_sparse_rows
-
-    rows = data.rows(split, 0, data.size(split))  # rows held sparse stay so until sliced a batch at a time
-    train_labels = data.csr("train", "y") if is_sparse_rows(data.train["y"]) else data.train["y"]
-    metrics = pair_multilabel_metrics(
-        experiment.model, experiment.guide, rows, train_labels, experiment.evaluate_config.batch_size, experiment.inputs(), **options
-    )
-    if not metrics:
-        raise ValueError(f"{run_dir}: the data have no multi-hot labels, or neither the model nor the guide has label_scores")
-    return metrics
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m pyrovae.analysis.multilabel", description="Multi-label metrics of trained runs (P@k, PSP@k, Hamming, tail recall)."
-    )
-    parser.add_argument("runs", nargs="+", type=Path, help="run folders written by pyrovae train")
-    parser.add_argument("--split", default="test", choices=("train", "valid", "test"))
-    parser.add_argument("--checkpoint", default="best", choices=("best", "latest"))
-    parser.add_argument("--threshold", type=float, default=0.5, help="a label is predicted when its probability is at least this")
-    parser.add_argument("--tail-fraction", type=float, default=TAIL_FRACTION, help="the rarest fraction of labels counted as the tail")
-    parser.add_argument("--propensity-a", type=float, default=PROPENSITY_A)
-    parser.add_argument("--propensity-b", type=float, default=PROPENSITY_B)
-    parser.add_argument("--out", type=Path, help="also write the metrics of each run as JSON lines to this file")
-    args = parser.parse_args(argv)
-    options = dict(
-        threshold=args.threshold, tail_fraction=args.tail_fraction, propensity_a=args.propensity_a, propensity_b=args.propensity_b
-    )
-    records = []
-    for run in args.runs:
-        try:
-            metrics = evaluate_run(run, args.split, args.checkpoint, **options)
-        except (ValueError, OSError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-        records.append({"run": str(run), "split": args.split, **metrics})
-        print(json.dumps(records[-1]))
-    if args.out is not None:
-        args.out.write_text("".join(json.dumps(record) + "\n" for record in records))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -50,7 +50,9 @@ def observation_means(model: Model, guide, batch, from_prior: bool) -> torch.Ten
 
 
 @contextlib.contextmanager
-def _evaluation_mode(*parts):
+def evaluation_mode(*parts):
+    """The parts that are torch modules in evaluation mode (dropout off, batch-norm statistics
+    used) inside the block, each back in its own mode after it."""
     modules = [part for part in parts if isinstance(part, torch.nn.Module)]
     modes = [module.training for module in modules]
     for module in modules:
@@ -78,7 +80,7 @@ def sample_grid(
     batch = _first_rows(data, count, inputs)
     x = batch["x"]
     count = min(count, int(x.shape[0]))
-    with _evaluation_mode(model, guide):
+    with evaluation_mode(model, guide):
         prior = observation_means(model, guide, batch, from_prior=True)
         reconstructions = observation_means(model, guide, batch, from_prior=False)
     rows = [("prior sample", prior), ("data", x), ("reconstruction", reconstructions)]
@@ -135,7 +137,7 @@ def sample_rows_figure(
     reconstructions, each the mean of p(x | z) (the most probable value for categorical data), on
     the whole batch. Positions past a row's ``lengths`` are left blank."""
     batch = _first_rows(data, count, inputs)
-    with _evaluation_mode(model, guide):
+    with evaluation_mode(model, guide):
         prior, posterior = observation_distributions(model, guide, batch)
         with torch.no_grad():
             panels = [("prior samples", decoded_value(prior)), ("test rows", batch["x"]), ("reconstructions", decoded_value(posterior))]
@@ -201,7 +203,7 @@ def sample_rows(
     batch's ``lengths`` where it has them. The file's keys: ``values`` (which of the two),
     ``prior_samples``, ``test_rows``, ``reconstructions``, and ``about`` (e.g. data set, step)."""
     batch = _first_rows(data, count, inputs)
-    with _evaluation_mode(model, guide):
+    with evaluation_mode(model, guide):
         prior, posterior = observation_distributions(model, guide, batch)
         discrete = _is_discrete(posterior) or not batch["x"].is_floating_point()
         with torch.no_grad():

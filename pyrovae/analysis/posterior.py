@@ -21,7 +21,7 @@ from pyro.distributions.torch_distribution import ExpandedDistribution
 from pyro.distributions.util import scale_and_mask
 from tqdm.auto import tqdm
 
-from pyrovae.analysis.plots import _evaluation_mode as evaluation_mode
+from pyrovae.analysis.plots import evaluation_mode
 from pyrovae.distributions import DiagonalNormal, StandardNormal
 from pyrovae.handlers import UNANNEALED_SCALE
 from pyrovae.traces import (

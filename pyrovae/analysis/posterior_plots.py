@@ -17,7 +17,7 @@ from torch.distributions import constraints
 
 from pyrovae.analysis.diagnostics import PARETO_K_BAD, PARETO_K_GOOD
 from pyrovae.analysis.latents import continuous_sites
-from pyrovae.analysis.plots import _evaluation_mode, decoded_value, plt
+from pyrovae.analysis.plots import evaluation_mode, decoded_value, plt
 from pyrovae.analysis.posterior import az, whole_batch
 from pyrovae.traces import latent_sites
 
@@ -95,7 +95,7 @@ def latent_traversals(
     tensors, extra = whole_batch(data, inputs)
     position = int(np.flatnonzero(idata.posterior.coords["obs"].values == point)[0])
     row = {key: value[position : position + 1] for key, value in tensors.items()}
-    with torch.no_grad(), _evaluation_mode(model):
+    with torch.no_grad(), evaluation_mode(model):
         trace = poutine.trace(model).get_trace(**row, **extra)
     supports = {name: site["fn"].support for name, site in latent_sites(trace)}
     device = tensors["x"].device
@@ -134,7 +134,7 @@ def latent_traversals(
             values[name][(flat,) + index] = values[name][(flat,) + index] + float(offset) * sd
     batch = {key: value.expand((total,) + tuple(value.shape[1:])) for key, value in row.items()}
     site = getattr(model, "observed_site", "x")
-    with torch.no_grad(), _evaluation_mode(model):
+    with torch.no_grad(), evaluation_mode(model):
         trace = poutine.trace(poutine.condition(model, data=values)).get_trace(**batch, **extra)
         pictures = decoded_value(trace.nodes[site]["fn"]).float().cpu()
     titles = [f"{name}[{', '.join(str(i) for i in selection.values())}]" if selection else name for name, selection in chosen]

@@ -54,9 +54,8 @@ from pyrovae.data.splits import Batch, DataSplits
 from pyrovae.errors import ConfigError, DataError
 from pyrovae.registry import DATASETS
 
-# Special token ids shared by the vocabulary, the loaders and the decoders.
-PAD, UNK, BOS, EOS = 0, 1, 2, 3
-SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
+# The special token ids live below data and nn (so networks read them too); they are imported from here as well.
+from pyrovae.tokens import BOS, EOS, PAD, SPECIAL_TOKENS, UNK  # noqa: F401
 
 VOCABULARY_FORMAT = "pyrovae-vocabulary"
 VOCABULARY_VERSION = 1

@@ -7,7 +7,7 @@
   latent z, a label embedding, both, or nothing) to next-word logits (B, T, V) in one
   whole-sequence call, and decode one word at a time with ``start`` / ``step`` / ``select``.
 
-Token ids are those of :mod:`pyrovae.data.text` (``<pad>`` = 0, ``<unk>``, ``<bos>``, ``<eos>``).
+Token ids are those of :mod:`pyrovae.tokens` (``<pad>`` = 0, ``<unk>``, ``<bos>``, ``<eos>``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pyrovae.data.text import BOS, PAD, UNK
+from pyrovae.tokens import BOS, PAD, UNK
 from pyrovae.nn.mlp import check_sizes
 
 

@@ -21,7 +21,7 @@ from pyrovae.errors import UnsupportedPairError
 from pyrovae.handlers import UNANNEALED_SCALE
 from pyrovae.objectives.base import Objective, batch_size, stacked_metrics
 from pyrovae.registry import OBJECTIVES
-from pyrovae.traces import _enumeration_mass, is_annealed, preserved_rng, reported_log_prob
+from pyrovae.traces import enumeration_mass, is_annealed, preserved_rng, reported_log_prob
 
 
 class SyncFreeDice(Dice):
@@ -169,7 +169,7 @@ def reported_terms(model_trace, guide_trace) -> dict[str, torch.Tensor]:
       such sites sharing a sum, one joint term ``kl/<a>+<b>``).
 
     The prior of a site summed out in the model honours its masks and is normalised over the
-    site's values (:func:`pyrovae.traces._enumeration_mass`): where a mask hides the site, the sum
+    site's values (:func:`pyrovae.traces.enumeration_mass`): where a mask hides the site, the sum
     over its values is an average, as in the log-likelihood analysis.
     """
     ordering, enumerated, enum_dims = model_sum(model_trace, guide_trace)
@@ -179,7 +179,7 @@ def reported_terms(model_trace, guide_trace) -> dict[str, torch.Tensor]:
     for name, site in _sample_sites(model_trace):
         if name in enumerated:
             density = _masked_density(site)
-            factors[name] = (ordering[name], _packed(site, density - _enumeration_mass(site, lambda s: density)))
+            factors[name] = (ordering[name], _packed(site, density - enumeration_mass(site, lambda s: density)))
             scales.append(_unannealed_scale(site))
         elif enum_dims and not enum_dims.isdisjoint(site["packed"]["log_prob"]._pyro_dims):
             factors[name] = (ordering[name], _packed(site, _masked_density(site)))
