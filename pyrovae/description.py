@@ -88,11 +88,6 @@ class ModelDescription:
                 return site
         raise KeyError(name)
 
-    def latent_sites(self):
-        from pyrovae.pair import LatentSite
-
-        return tuple(LatentSite(s.name, s.event_shape, discrete=s.discrete, enumerated=s.enumerated) for s in self.latent)
-
     @property
     def observed_site(self) -> str:
         """The observed site of the data ``x`` (the first observed site when none observes ``x``)."""
@@ -240,8 +235,9 @@ def _order(names: list[str], parents: Mapping[str, tuple[str, ...]]) -> tuple[st
     return tuple(placed)
 
 
-def describe_model(model, batch: Mapping) -> ModelDescription:
-    """Run ``model(**batch)`` once (no gradient, random streams restored) and describe it."""
+def describe_model(model, batch: Mapping, declares_latent_sites: bool = False) -> ModelDescription:
+    """Run ``model(**batch)`` once (no gradient, random streams restored) and describe it. A model
+    that observes nothing is refused unless it declares its latent sites itself."""
     model_name = getattr(model, "__name__", None) or type(model).__name__
     rows = int(batch["x"].shape[0]) if torch.is_tensor(batch.get("x")) else int(next(v for v in batch.values() if torch.is_tensor(v)).shape[0])
     tracked = True
@@ -260,7 +256,7 @@ def describe_model(model, batch: Mapping) -> ModelDescription:
         s for s in trace.nodes.values() if s["type"] == "sample" and not s["infer"].get("is_auxiliary") and not _is_deterministic(s)
     ]
     observed = [s for s in sites if s["is_observed"]]
-    if not observed and not declares_latent_sites(model):
+    if not observed and not declares_latent_sites:
         raise PairMismatchError(
             f"{model_name} observes nothing: give the data's site obs=x (e.g. pyro.sample('x', ..., obs=x)); "
             f"its trace samples {[s['name'] for s in sites]}"
@@ -332,13 +328,6 @@ def describe_model(model, batch: Mapping) -> ModelDescription:
         tracked=tracked,
         input_shapes={key: (tuple(batch[key].shape[1:]), _kind(batch[key])) for key in all_keys},
     )
-
-
-def declares_latent_sites(model) -> bool:
-    """Whether the model's class writes its own ``latent_sites`` (the base class takes them from the trace)."""
-    from pyrovae.pair import Model
-
-    return isinstance(model, Model) and type(model).latent_sites is not Model.latent_sites
 
 
 def _kind(tensor: torch.Tensor) -> str:

@@ -428,10 +428,10 @@ class Model(_TorchOwnedParameters):
         ``"data"`` plate from then on) and the dependencies an automatic guide follows. A
         ``latent_sites`` the class declares is checked against the trace. pyrovae calls this on
         the first batch before training (and ``Experiment`` before building the guide)."""
-        from pyrovae.description import declares_latent_sites, describe_model
+        from pyrovae.description import describe_model
 
         self.use_data_plate(DATA_PLATE)
-        description = describe_model(self, batch)
+        description = describe_model(self, batch, declares_latent_sites(self))
         self.use_data_plate(description.data_plate)
         if declares_latent_sites(self):
             description = _checked_declaration(self, description)
@@ -449,7 +449,9 @@ class Model(_TorchOwnedParameters):
         them instead; the declaration is then checked against the trace."""
         if self.description is None:
             raise MissingLatentSitesError(_missing_latent_sites(type(self).__name__))
-        return self.description.latent_sites()
+        return tuple(
+            LatentSite(s.name, s.event_shape, discrete=s.discrete, enumerated=s.enumerated) for s in self.description.latent
+        )
 
     @property
     def observed_site(self) -> str:
@@ -470,6 +472,11 @@ def _missing_latent_sites(model_name: str) -> str:
         f"{model_name} has not been traced yet, so its latent sites are unknown: call model.describe(batch) "
         f"once (pyrovae's fit and Experiment do), or declare a property `latent_sites`"
     )
+
+
+def declares_latent_sites(model) -> bool:
+    """Whether the model's class writes its own ``latent_sites`` (the base class reads the trace)."""
+    return isinstance(model, Model) and type(model).latent_sites is not Model.latent_sites
 
 
 def _checked_declaration(model, description):
