@@ -9,8 +9,8 @@ from pyrovae.train.loop import (
     fit,
     make_optimizer,
     parameter_groups,
-    resolve_device,
 )
+from pyrovae.train.devices import resolve_device
 
 __all__ = [
     "BEST",

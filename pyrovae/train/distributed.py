@@ -36,6 +36,8 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 import torch.distributed as dist
 
+from pyrovae.train.devices import resolve_device
+
 # How long a collective waits for the other ranks (seconds). Rank 0 writes checkpoints and the
 # others wait in the next step's all_reduce, so this bounds a stall, not a normal pause.
 TIMEOUT_SECONDS = float(os.environ.get("PYROVAE_DIST_TIMEOUT", "1800"))
@@ -89,8 +91,6 @@ def current() -> Context:
 
 def training_device(name: str, context: Context) -> torch.device:
     """The device a rank trains on: ``cuda:LOCAL_RANK`` for ``auto``/``cuda`` under a multi-GPU job."""
-    from pyrovae.train.loop import resolve_device
-
     device = resolve_device(name)
     if context.active and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", context.local_rank)
@@ -106,8 +106,6 @@ def setup(device_name: str = "auto") -> Context:
         return found
     if not dist.is_available():
         raise DistributedJobError("torchrun started this process, but this torch build has no torch.distributed")
-    from pyrovae.train.loop import resolve_device
-
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name)
     if device.type == "cuda":

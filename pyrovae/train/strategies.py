@@ -1,7 +1,7 @@
 """Training strategies: what the fit loop does around each model update.
 
 The loop has one optimizer with a ``"model"`` and a ``"guide"`` parameter group
-(:func:`pyrovae.train.loop.parameter_groups`). A strategy decides which groups a step updates,
+(:func:`pyrovae.train.optim.parameter_groups`). A strategy decides which groups a step updates,
 and may add guide-only steps; it never runs a loop of its own over the data.
 
 ``plain``: every step updates model and guide together on one batch.
@@ -23,7 +23,7 @@ I_q(x; z) on (up to ``aggressive_mi_examples``) validation examples
 (:func:`pyrovae.analysis.mutual_information`, He et al.'s estimator). Aggressive mode ends for good
 after the first epoch whose MI is not above the previous epoch's; from then on steps are plain
 (model and guide together). The mode, the MI and the switch are part of the checkpointed
-:class:`~pyrovae.train.loop.TrainState` and of each ``metrics.jsonl`` record, so a resume keeps them.
+:class:`~pyrovae.train.state.TrainState` and of each ``metrics.jsonl`` record, so a resume keeps them.
 """
 
 from __future__ import annotations
@@ -32,6 +32,11 @@ import contextlib
 import math
 
 import torch
+
+from pyrovae.errors import ConfigError
+from pyrovae.handlers import kl_scale_unless_one
+from pyrovae.traces import preserved_rng
+from pyrovae.train.recovery import NonFiniteStep
 
 STRATEGIES = ("plain", "aggressive")
 
@@ -67,6 +72,61 @@ class AggressiveGuideUpdates:
 
     def __init__(self, check_every: int, max_steps: int, mi_examples: int):
         self.check_every, self.max_steps, self.mi_examples = check_every, max_steps, mi_examples
+
+    @classmethod
+    def for_training(cls, training) -> "AggressiveGuideUpdates":
+        """The strategy of ``training.config`` (``train.strategy = "aggressive"``), in one process only."""
+        if training.context.active:
+            raise ConfigError("train.strategy = 'aggressive' runs in one process; its guide-only steps are not shared out across ranks")
+        config = training.config
+        return cls(config.aggressive_check_every, config.aggressive_max_steps, config.aggressive_mi_examples)
+
+    def before_model_step(self, training, batch, beta: float, by_site) -> int:
+        """The guide-only steps before a model step: the first on the step's own ``batch``, the
+        rest on fresh random training batches, all at the step's ``beta`` (and ``by_site``) and
+        scheduled inputs. Returns how many were taken; a non-finite one raises
+        :class:`~pyrovae.train.recovery.NonFiniteStep`."""
+        model, guide, objective, config, state = training.model, training.guide, training.objective, training.config, training.state
+        inputs = training.schedules.input_values(state.step) if training.schedules.inputs else {}
+        autocast = training.autocast
+
+        def step_on(inner_batch) -> torch.Tensor:
+            with kl_scale_unless_one(beta, by_site), (autocast() if autocast is not None else contextlib.nullcontext()):
+                loss, _ = objective(model, guide, inner_batch)
+            loss.backward()
+            return loss.detach()
+
+        def draw_batch():
+            return {**training.data.random_batch("train", config.batch_size), **inputs}
+
+        clip = config.clip_norm if config.clip_norm > 0 else math.inf
+        try:
+            return self.guide_steps(step_on, batch, draw_batch, training.optimizer, clip)
+        except FloatingPointError:
+            raise NonFiniteStep(state.step, ["guide-only loss"]) from None
+
+    def epoch_end(self, training) -> dict:
+        """After an epoch: estimate validation I(x; z) while the mode is on, and end the mode for
+        good at the first epoch whose I(x; z) is not above the previous one's. Returns the
+        epoch record's entries."""
+        state = training.state
+        record = {"aggressive": state.aggressive}
+        if not state.aggressive:
+            return record
+        with preserved_rng():
+            information = self.validation_mutual_information(
+                training.model, training.guide, training.data, training.schedules.input_values(state.step), training.config.batch_size, seed=state.epoch
+            )
+        record["valid/mutual_information"] = information
+        if not information > state.aggressive_mutual_information:
+            state.aggressive, state.aggressive_ended_epoch = False, state.epoch
+            record["aggressive_ended"] = True
+            training.say(
+                f"aggressive guide updates end after epoch {state.epoch}: validation I(x; z) = {information:.4g} did not "
+                f"rise above {state.aggressive_mutual_information:.4g}; model and guide now train together"
+            )
+        state.aggressive_mutual_information = information
+        return record
 
     def guide_steps(self, step_on, batch, draw_batch, optimizer, clip: float) -> int:
         """Guide-only steps, the first on ``batch``, then on ``draw_batch()`` batches, until the

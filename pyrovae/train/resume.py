@@ -1,0 +1,151 @@
+"""Resume and checkpoints: what a run writes after each epoch, and how a resumed run takes it back.
+
+A checkpoint holds the model's, the guide's and the optimizer's state, the
+:class:`~pyrovae.train.state.TrainState` (epoch, step, best score, early stop, recoveries, the
+metrics history), the random states, the ``fingerprint`` (e.g. the resolved config) and the world
+size. ``checkpoints/latest.pt`` is written after every epoch, ``checkpoints/best.pt`` after the best
+ones, atomically (:mod:`pyrovae.train.checkpoint`). A resumed run restores all of it and continues
+as if never stopped.
+
+Random streams per rank: rank 0 keeps the stream a single process would have; the others are
+seeded from rank 0's seed and their rank. Checkpoints carry every rank's random state
+(``rng_ranks``; ``rng`` stays rank 0's, so a single process can resume any checkpoint). At the same
+world size a resume is exact; at another, rank 0 takes rank 0's stream, the others are seeded from
+it, and a message says that the draws differ from then on. Rank 0 reads the checkpoint and sends it
+to the others (no shared file system needed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from pyrovae.traces import preserved_rng
+from pyrovae.train import distributed
+from pyrovae.train.checkpoint import BEST, LATEST, load_checkpoint_or_previous, previous_path, remove_stale_temporaries, save_checkpoint
+from pyrovae.train.progress import say
+from pyrovae.train.state import TrainState
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def seed_other_ranks(context) -> None:
+    """A fresh distributed run: rank 0 keeps its random stream (the one a single process would
+    use); every other rank gets its own, seeded from rank 0's seed and the rank."""
+    if not context.active:
+        return
+    base = distributed.broadcast_object(context, torch.initial_seed(), "sharing the seed")
+    if not context.is_main:
+        torch.manual_seed(distributed.mixed_seed(base, context.rank))
+
+
+def restore_rng(saved: dict, context, say) -> None:
+    """Each rank's random stream from a checkpoint. At the world size it was written with, every
+    rank gets its own saved stream back (an exact resume); at another, rank 0 (or the single
+    process) takes rank 0's stream and the other ranks are seeded from it."""
+    saved_world = int(saved.get("world_size", 1))
+    ranks = saved.get("rng_ranks") or [saved["rng"]]
+    if saved_world != context.world_size:
+        say(
+            f"resuming a run written by {saved_world} process(es) with {context.world_size}: parameters, optimizer "
+            f"state, step, schedules and early stopping continue exactly, and the global batch (train.batch_size) "
+            f"is unchanged, but the data order and random draws from here on differ from an unbroken run"
+        )
+    if context.active and len(ranks) == context.world_size and saved_world == context.world_size:
+        set_rng_state(ranks[context.rank])
+        return
+    set_rng_state(ranks[0])
+    if context.active:
+        with preserved_rng():
+            base = int(torch.randint(0, 2**62, (1,)))
+        if not context.is_main:
+            torch.manual_seed(distributed.mixed_seed(base, context.rank))
+
+
+def restored_state(saved_state: dict, patience: int) -> TrainState:
+    """The :class:`TrainState` of a checkpoint, also of one written by an earlier version."""
+    saved_state = dict(saved_state)
+    if "best_valid_elbo" in saved_state:  # checkpoints written before selection by the objective's bound
+        saved_state["best_valid_score"] = saved_state.pop("best_valid_elbo")
+    state = TrainState(**saved_state)
+    # Checkpoints written before the early stop was part of the state.
+    state.stopped_early = state.stopped_early or bool(patience and state.epochs_without_improvement >= patience)
+    return state
+
+
+class Checkpoints:
+    """``run_dir/checkpoints`` of ``training`` (nothing is written without ``run_dir``): :meth:`start`
+    or :meth:`resume` before the first epoch, :meth:`save` after each."""
+
+    def __init__(self, training, run_dir: str | Path | None = None, fingerprint: dict | None = None):
+        self.training, self.fingerprint = training, fingerprint
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.folder = self.run_dir / "checkpoints" if run_dir is not None else None
+
+    def start(self) -> None:
+        """A fresh run: every rank its own random stream."""
+        seed_other_ranks(self.training.context)
+
+    def resume(self) -> None:
+        """Restore the parameters, the optimizer's state, ``training.state`` and the random state
+        from ``latest.pt`` (or its previous copy, if it is damaged)."""
+        run = self.training
+        saved = distributed.on_main(run.context, self._load, "loading the checkpoint")
+        run.model.load_state_dict(saved["model"])
+        run.guide.load_state_dict(saved["guide"])
+        run.optimizer.load_state_dict(saved["optimizer"])
+        run.state = restored_state(saved["state"], run.config.patience)
+        restore_rng(saved, run.context, run.say)
+        if run.state.stopped_early:
+            run.say(f"the run stopped early at epoch {run.state.epoch} (patience {run.config.patience}); nothing left to train")
+
+    def _load(self) -> dict:
+        folder = self.folder
+        if folder is None or not any((folder / name).exists() for name in (LATEST, previous_path(LATEST))):
+            raise FileNotFoundError(f"--resume: no checkpoint at {folder / LATEST if folder else '(no run dir)'}")
+        remove_stale_temporaries(folder)
+        remove_stale_temporaries(self.run_dir)
+        device = "cpu" if self.training.context.active else self.training.device
+        return load_checkpoint_or_previous(folder / LATEST, device, warn=say)
+
+    def contents(self) -> dict:
+        """What a checkpoint holds now. Under ``torchrun`` every rank must call it (it gathers
+        every rank's random state, so a resume at this world size is exact)."""
+        run = self.training
+        saved = {
+            "model": run.model.state_dict(),
+            "guide": run.guide.state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "state": asdict(run.state),
+            "rng": rng_state(),
+            "fingerprint": self.fingerprint,
+            "world_size": run.context.world_size,
+        }
+        if run.context.active:
+            saved["rng_ranks"] = distributed.gather_objects(run.context, saved["rng"], "gathering random states")
+        return saved
+
+    def save(self, improved: bool) -> None:
+        """``latest.pt``, and ``best.pt`` when the epoch is the best so far (rank 0 writes)."""
+        context = self.training.context
+        # Every rank takes part in gathering the random states, whether or not it was given run_dir.
+        if self.folder is None and not context.active:
+            return
+        saved = self.contents()
+        if self.folder is not None and context.is_main:
+            if improved:
+                save_checkpoint(saved, self.folder / BEST)
+            save_checkpoint(saved, self.folder / LATEST)
