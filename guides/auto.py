@@ -305,13 +305,11 @@ class AutoGuide(Guide):
         if dependent:
             for name in order:
                 for parent in description.posterior_parents.get(name, ()):
-                    if parent in enumerated:
-                        continue
                     if parent in parents and order.index(parent) < order.index(name):
                         parents[name].append(parent)
-            for name in enumerated:
+            for name in enumerated:  # the inverse's edge from a continuous site, turned round
                 for child in description.posterior_parents.get(name, ()):
-                    if child in parents and name not in parents[child]:
+                    if child in parents and child not in enumerated and name not in parents[child]:
                         parents[child].append(name)
         sites = {site.name: site for site in description.latent}
         self.heads = {

@@ -164,7 +164,15 @@ def _data_plate(observed: list, latent: list, rows: int, model_name: str) -> str
                 if frame.vectorized and frame.size == rows and frame.name not in names:
                     names.append(frame.name)
         if names:
-            return "data" if "data" in names else names[0]
+            if "data" in names:
+                return "data"
+            taken = sorted({f.name for s in observed + latent for f in s["cond_indep_stack"] if f.name == "data"})
+            if taken:
+                raise PairMismatchError(
+                    f"{model_name}'s plate over the rows is {names[0]!r}, but another of its plates is named 'data', "
+                    "the name pyrovae gives the rows' plate: rename that plate"
+                )
+            return names[0]
     raise PairMismatchError(
         f"{model_name} has no plate over the batch's {rows} rows: wrap the story in "
         f"pyro.plate(NAME, x.shape[0]) (any name) so that every example gets its own terms"

@@ -17,6 +17,7 @@ training starts.
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -431,7 +432,8 @@ class Model(_TorchOwnedParameters):
         from pyrovae.description import describe_model
 
         self.use_data_plate(DATA_PLATE)
-        description = describe_model(self, batch, declares_latent_sites(self))
+        with buffers_kept(self):
+            description = describe_model(self, batch, declares_latent_sites(self))
         self.use_data_plate(description.data_plate)
         if declares_latent_sites(self):
             description = _checked_declaration(self, description)
@@ -718,6 +720,11 @@ def check_pair(model: Model, guide: Guide, batch: Mapping[str, object]) -> None:
     has support simplex``. Enumerated discrete sites may be missing from the guide. ``batch``
     is what the pair is called with: the batch's tensors and any scheduled inputs (floats).
     """
+    with buffers_kept(model, guide):
+        _check_pair(model, guide, batch)
+
+
+def _check_pair(model: Model, guide: Guide, batch: Mapping[str, object]) -> None:
     model_name, guide_name = type(model).__name__, type(guide).__name__
     if isinstance(model, Model) and model.description is None:
         model.describe(batch)
@@ -773,6 +780,22 @@ def check_pair(model: Model, guide: Guide, batch: Mapping[str, object]) -> None:
     if message:
         raise PairMismatchError(message)
     check_particles(model, guide, batch)
+
+
+@contextmanager
+def buffers_kept(*modules):
+    """Run look-ahead passes (the pair check, the describing trace) without moving any buffer:
+    batch-norm running statistics stay as they were, so a resumed run is the unbroken one."""
+    saved = [
+        [(buffer, buffer.detach().clone()) for buffer in module.buffers()] for module in modules if isinstance(module, torch.nn.Module)
+    ]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for pairs in saved:
+                for buffer, value in pairs:
+                    buffer.copy_(value)
 
 
 def share_data_plate(model, guide) -> None:

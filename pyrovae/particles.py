@@ -10,11 +10,12 @@ dimensions; batch normalisation does not: ``BatchNorm1d`` reads ``(K, B, H)`` as
 particle plate is active, the extra leading dimensions are folded into the batch dimension and
 unfolded afterwards. In evaluation mode (running statistics) this gives exactly what calling the
 layer particle by particle gives. In training mode the batch statistics are those of all K x B
-rows that the layer sees in one call.
+rows that the layer sees in one call. Enumeration dims (``enum_elbo``) are folded the same way.
 """
 
 from __future__ import annotations
 
+from pyro.poutine.enum_messenger import EnumMessenger
 from pyro.poutine.indep_messenger import IndepMessenger
 from pyro.poutine.runtime import _PYRO_STACK
 from torch import nn
@@ -25,8 +26,13 @@ _NATURAL_RANK = {nn.BatchNorm1d: 2, nn.BatchNorm2d: 4, nn.BatchNorm3d: 5}
 _HOOKED = "_pyrovae_particle_safe"
 
 
-def particle_plate_active() -> bool:
-    return any(isinstance(frame, IndepMessenger) and frame.name in PARTICLE_PLATES for frame in _PYRO_STACK)
+def leading_dims_active() -> bool:
+    """Whether a particle plate or parallel enumeration is on Pyro's stack: then networks may get
+    extra dims left of the batch."""
+    return any(
+        (isinstance(frame, IndepMessenger) and frame.name in PARTICLE_PLATES) or isinstance(frame, EnumMessenger)
+        for frame in _PYRO_STACK
+    )
 
 
 def _natural_rank(module: nn.Module) -> int:
@@ -38,14 +44,10 @@ def _natural_rank(module: nn.Module) -> int:
 
 def _fold(module: nn.Module, args):
     (inputs, *rest) = args
-    if not particle_plate_active():
-        # Outside particles the input has the layer's own rank: remember it (a BatchNorm1d may
-        # take (N, C) or (N, C, L)).
-        module.__dict__["_pyrovae_rank"] = inputs.dim()
-        module.__dict__["_pyrovae_leading"] = None
-        return None
-    rank = module.__dict__.get("_pyrovae_rank", _natural_rank(module))
-    extra = inputs.dim() - rank
+    # Under particles or enumeration a layer is taken to see its natural input (BatchNorm1d:
+    # (N, C)) with extra dims on the left; outside them the input is left as the user gives it
+    # (a BatchNorm1d may also take (N, C, L)).
+    extra = inputs.dim() - _natural_rank(module) if leading_dims_active() else 0
     if extra <= 0:
         module.__dict__["_pyrovae_leading"] = None
         return None
@@ -72,9 +74,3 @@ def make_batch_norm_particle_safe(module: nn.Module) -> int:
                 layer.register_forward_hook(_unfold)
                 layer.__dict__[_HOOKED] = True
     return count
-
-
-def has_batch_norm(module: nn.Module) -> bool:
-    return any(isinstance(layer, nn.modules.batchnorm._BatchNorm) for layer in module.modules())
-
-

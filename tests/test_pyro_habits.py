@@ -173,3 +173,31 @@ def test_the_readme_lead_example_trains_as_written(tmp_path, monkeypatch, capsys
     final = json.loads((run / "final.json").read_text())
     assert final["test_log_likelihood"] > final["test_elbo"] - 1.0
     assert (run / "samples.png").exists()
+
+
+def test_batch_norm_folds_enumeration_dims_and_leaves_user_layouts_alone():
+    from pyrovae.particles import make_batch_norm_particle_safe
+
+    layer = nn.BatchNorm1d(8)
+    make_batch_norm_particle_safe(layer)
+    layer.running_mean.normal_()
+    layer.eval()
+    inputs = torch.randn(3, 8, 8)  # (C values, B = 8 rows, H = 8 features): ambiguous for BatchNorm1d
+    expected = torch.stack([layer(row) for row in inputs])
+    with pyro.poutine.enum(first_available_dim=-2):
+        assert torch.allclose(layer(inputs), expected)
+    # Outside particles and enumeration, (N, C, L) is the user's own layout, as torch reads it.
+    plain = nn.BatchNorm1d(8)
+    plain.load_state_dict(layer.state_dict())
+    plain.eval()
+    assert torch.allclose(layer(inputs), plain(inputs))
+
+
+def test_the_checks_leave_batch_norm_statistics_alone():
+    spec = DataSpec("toy", (8,), "binary")
+    model = pyro_style.DocumentModel(pyro_style.Sizes(latent=3), spec)
+    guide = pyro_style.DocumentEncoder(pyro_style.Sizes(latent=3), spec, model)
+    before = [b.clone() for b in list(model.buffers()) + list(guide.buffers())]
+    check_pair(model, guide, {"x": torch.bernoulli(torch.full((8, 8), 0.4))})
+    after = list(model.buffers()) + list(guide.buffers())
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
