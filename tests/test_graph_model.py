@@ -421,3 +421,20 @@ def test_a_beta_latent_graph_trains_with_the_automatic_guide(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["valid/elbo"] > records[0]["valid/elbo"]
     assert math.isfinite(final["test_log_likelihood"]) and final["test_kl/z"] > 0
+
+
+def test_the_readme_graph_example_builds_and_trains(tmp_path):
+    """The README's [[model.site]] example (Beta latents, the auto guide), on digits."""
+    import re
+    from pathlib import Path
+
+    from pyrovae.experiment import Experiment
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("### A model declared in TOML"):]
+    example = tomllib.loads(re.search(r"```toml\n(.*?)```", section, re.S).group(1))
+    assert example["model"]["name"] == "graph" and example["guide"]["name"] == "auto"
+    example["model"]["site"][1]["hidden"] = [32]
+    config = tiny_experiment(model=example["model"], guide={"name": "auto", "hidden": [32]}, train={"epochs": 1, "batch_size": 128})
+    final = Experiment.from_config(config).train(tmp_path, progress=False)
+    assert math.isfinite(final["test_log_likelihood"]) and final["test_log_likelihood"] > final["test_elbo"] - 1.0
