@@ -77,6 +77,9 @@ RUN_MARKER = ".pyrovae-run"
 @contextmanager
 def locked_run_folder(run_dir: Path):
     """Hold ``run_dir``'s lock, or fail at once if another process holds it."""
+    clash = next((p for p in (run_dir, *run_dir.parents) if p.exists() and not p.is_dir()), None)
+    if clash is not None:
+        raise RunFolderError(f"--out {run_dir}: {clash} is a file, not a folder; choose a new or empty folder")
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(run_dir / LOCK_FILE))
     try:

@@ -139,10 +139,12 @@ def test_a_malicious_checkpoint_is_refused_and_runs_nothing(tmp_path, capsys):
     saved["payload"] = Exploit(marker)
     torch.save(saved, run / "checkpoints" / "best.pt")
     assert main(["evaluate", str(run), "--no-progress", "--particles", "5"]) == 2
-    assert "not a safe pyrovae checkpoint" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "is refused, not loaded: it holds code" in error and "(it asks for " in error
+    assert "weights_only" not in error and "likely succeed" not in error  # torch's advice to load it unsafely
     assert not marker.exists()
     # The unsafe file is not silently replaced by its previous copy either.
-    with pytest.raises(CheckpointError, match="not a safe"):
+    with pytest.raises(CheckpointError, match="is refused, not loaded"):
         Experiment.from_run(run).load_parameters(run, "best")
     assert not marker.exists()
 
@@ -240,3 +242,15 @@ def test_ctrl_c_prints_how_to_resume_and_no_traceback(tmp_path):
     assert "Traceback" not in stderr, stderr
     assert "interrupted" in stderr and "--resume" in stderr and str(run) in stderr, stderr
     assert load_checkpoint(run / "checkpoints" / LATEST)["state"]["epoch"] >= 2
+
+
+def test_out_naming_a_file_is_refused_in_one_line(tmp_path, capsys):
+    from pyrovae.cli import main
+
+    target = tmp_path / "notes.txt"
+    target.write_text("mine")
+    for out in (target, target / "run"):
+        assert main(["train", str(QUICKSTART), "--out", str(out), "--no-progress"]) == 2
+        error = capsys.readouterr().err.strip().splitlines()
+        assert len(error) == 1 and f"{target} is a file, not a folder" in error[0], error
+    assert target.read_text() == "mine"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 import zipfile
 from pathlib import Path
@@ -96,10 +97,12 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dic
         return torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as error:
         # weights_only refuses globals outside torch's allow-list: a file that is not pyrovae's.
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else "unsafe content"
+        # Name what the file asks for; torch's advice to load it unsafely is not repeated.
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        asked = f"it asks for {found.group(1)}" if found else "it asks for objects other than tensors and plain values"
         raise UnsafeCheckpointError(
-            f"{path} is not a safe pyrovae checkpoint and was not loaded (it asks to run or build objects other "
-            f"than tensors and plain values: {reason})"
+            f"{path} is refused, not loaded: it holds code, not only tensors and plain values ({asked}); "
+            "pyrovae never unpickles such a file"
         ) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
