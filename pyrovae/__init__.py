@@ -10,6 +10,10 @@ Importing pyrovae changes no global Pyro setting.
 from pyrovae.errors import ConfigError, DataError, NonFiniteLossError, PairMismatchError
 from pyrovae.handlers import kl_scale
 from pyrovae.pair import DataSpec, Guide, LatentSite, Model, check_pair
+from pyrovae.registry import declare
+
+# Declares a loader function, so that ``[data] name = "mymodule:loader"`` may name it.
+data_loader = declare("data set")
 
 __all__ = [
     "ConfigError",
@@ -21,6 +25,8 @@ __all__ = [
     "NonFiniteLossError",
     "PairMismatchError",
     "check_pair",
+    "data_loader",
+    "declare",
     "kl_scale",
 ]
 __version__ = "0.1.0"

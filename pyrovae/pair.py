@@ -418,6 +418,8 @@ class Model(_TorchOwnedParameters):
     build their networks in ``__init__(config, data)``, list ``latent_sites``
     and write ``forward(x, **batch)`` as the generative story."""
 
+    __pyrovae_kind__ = "model"  # subclasses may be named by import path (pyrovae.registry.declare)
+
     def __init__(self, data: DataSpec):
         super().__init__()
         self.data = data
@@ -507,6 +509,8 @@ def _checked_declaration(model, description):
 class Guide(_TorchOwnedParameters):
     """Base class of inference halves: ``__init__(config, data, model)`` may read the
     model's ``latent_sites`` to size its heads."""
+
+    __pyrovae_kind__ = "guide"  # subclasses may be named by import path (pyrovae.registry.declare)
 
     def __init__(self, data: DataSpec):
         super().__init__()

@@ -29,6 +29,43 @@ from pyrovae.errors import ConfigError
 # Separates an import path from the folder recorded with it: "mymodels:MyVAE @ /home/me/project".
 FOLDER_MARK = " @ "
 
+# The attribute that declares an object a pyrovae part of one kind (``"model"``, ``"data set"``,
+# ...). ``pyrovae.Model``, ``pyrovae.Guide`` and the objectives' base class carry it, so their
+# subclasses are declared; a loader, schedule or likelihood function declares itself with
+# :func:`declare`. An import path in a config (or in a run folder's ``config.toml``) must name a
+# declared object of the expected kind: it is checked before anything is called, so
+# ``[data] name = "os:system"`` is refused by name instead of run.
+KIND_ATTRIBUTE = "__pyrovae_kind__"
+
+
+def declare(kind: str) -> Callable[[Any], Any]:
+    """A decorator that declares a function or class a pyrovae part of ``kind`` (one of the
+    registries' kinds: ``"data set"``, ``"objective"``, ``"schedule"``, ``"likelihood"``,
+    ``"model"``, ``"guide"``), so that a config may name it by import path::
+
+        @pyrovae.data_loader            # the same as @pyrovae.declare("data set")
+        def blobs(noise: float = 0.1): ...
+    """
+    if kind not in KIND_HINTS:
+        raise ValueError(f"unknown part kind {kind!r}; expected one of {', '.join(sorted(KIND_HINTS))}")
+
+    def mark(obj: Any) -> Any:
+        setattr(obj, KIND_ATTRIBUTE, kind)
+        return obj
+
+    return mark
+
+
+# What an import path of each kind must name, for the refusal.
+KIND_HINTS = {
+    "model": "a pyrovae.Model subclass",
+    "guide": "a pyrovae.Guide subclass",
+    "objective": "a pyrovae.objectives.Objective subclass, or a factory decorated with @pyrovae.declare('objective')",
+    "schedule": "a schedule class decorated with @pyrovae.declare('schedule')",
+    "data set": "a loader function decorated with @pyrovae.data_loader",
+    "likelihood": "a likelihood function decorated with @pyrovae.declare('likelihood')",
+}
+
 
 def split_folder(name: str) -> tuple[str, str | None]:
     """``"module:Name @ folder"`` -> ``("module:Name", "folder")``; ``(name, None)`` without a folder."""
@@ -202,6 +239,20 @@ class Registry:
             raise ConfigError(f"{where or self.kind}: cannot find module {module_name!r} in {describe_search(folders)}")
         return name
 
+    def _declared(self, target: Any, name: str, where: str) -> Any:
+        """``target`` where it is declared a part of this registry's kind (or is one of its registered
+        entries); a :class:`ConfigError` otherwise. Nothing is called: only an attribute is read."""
+        try:
+            kind = getattr(target, KIND_ATTRIBUTE, None)
+        except Exception:  # noqa: BLE001 - an object whose attribute access fails is no declared part
+            kind = None
+        if kind == self.kind or any(target is entry for entry in self._entries.values()):
+            return target
+        raise ConfigError(
+            f"{where}: {name!r} is not declared as a pyrovae {self.kind} (expected {KIND_HINTS[self.kind]}); "
+            f"it is refused without being called"
+        )
+
     def resolve(self, name: str, where: str = "") -> Any:
         """A registered short name, a registered prefix (``"pyro:Trace_ELBO"``), or an import path
         ``"package.module:Attribute"``, optionally with the folder to look in first
@@ -217,9 +268,10 @@ class Registry:
                 return self._prefixes[module_name](attribute, where)
             module = import_module(module_name, search_folders(folder), where)
             try:
-                return getattr(module, attribute)
+                target = getattr(module, attribute)
             except AttributeError:
                 raise ConfigError(f"{where}: module {module_name!r} has no attribute {attribute!r}") from None
+            return self._declared(target, f"{module_name}:{attribute}", where)
         if folder is not None:
             raise ConfigError(f"{where}: {name!r} names a folder but no import path; expected 'package.module:Name @ folder'")
         self._load_providers()

@@ -7,6 +7,8 @@ Each model and guide opens with the equations it implements.
 
 from __future__ import annotations
 
+import pyrovae
+
 from dataclasses import dataclass, field
 
 import pyro
@@ -375,6 +377,7 @@ class GRUSequenceGuide(Guide):
             pyro.sample("z", gaussian_head(self.head(last)))
 
 
+@pyrovae.data_loader
 def toy_sequences(count: int = 600, vocabulary: int = 8, max_length: int = 10, seed: int = 0):
     """Variable-length token rows with structure a latent can hold: arithmetic progressions
     ``start, start + step, ...`` modulo ``vocabulary``, of length 3..max_length."""

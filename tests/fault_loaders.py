@@ -1,5 +1,6 @@
 """Data loaders that return broken or bad data, for the fault-injection tests (used by import path)."""
 
+import pyrovae
 import torch
 
 from pyrovae import DataSpec
@@ -12,6 +13,7 @@ def _clean(rows: int = 200, seed: int = 0):
     return DataSpec("blocks", (12,), "binary"), x
 
 
+@pyrovae.data_loader
 def bad_row(split: str = "valid", row: int = 7, value: float = 7.0):
     """Clean binary data except one value in one row of one split."""
     spec, x = _clean()
@@ -20,10 +22,12 @@ def bad_row(split: str = "valid", row: int = 7, value: float = 7.0):
     return splits
 
 
+@pyrovae.data_loader
 def not_splits():
     return {"train": {"x": torch.zeros(3, 12)}}
 
 
+@pyrovae.data_loader
 def without_x():
     splits = bad_row(value=1.0)
     splits.test = {"pixels": splits.test["x"]}

@@ -7,6 +7,8 @@ decoder, a time loop under ``pyro.markov`` with masks, and no ``latent_sites`` a
 
 from __future__ import annotations
 
+import pyrovae
+
 from dataclasses import dataclass
 
 import pyro
@@ -154,6 +156,7 @@ class FrameMarkovGuide(Guide):
                 z = pyro.sample(f"z_{t + 1}", dist.Normal(loc, F.softplus(raw) + 1e-3).mask(mask[:, t : t + 1]).to_event(1))
 
 
+@pyrovae.data_loader
 def frames(count: int = 240, length: int = 6, features: int = 2, seed: int = 0):
     """Noisy rotating 2-d points of random phase and length 3..``length``, with ``mask`` and ``lengths``."""
     generator = torch.Generator().manual_seed(seed)

@@ -3,6 +3,7 @@ of every kind (labels, semi-supervised labels, variable-length token sequences, 
 scheduled inputs) and names the key, the row and an offending value for every broken one. Also the
 sequence helper, a custom loader by import path, and the likelihoods' data messages."""
 
+import pyrovae
 import pytest
 import torch
 
@@ -193,6 +194,7 @@ def test_a_gru_sequence_pair_runs_on_sequence_splits():
     assert torch.isfinite(loss) and float(metrics["elbo"]) < 0
 
 
+@pyrovae.data_loader
 def blobs(noise: float = 0.1, seed: int = 0):
     """The loader contract's example (pyrovae.data's docstring)."""
     g = torch.Generator().manual_seed(seed)

@@ -4,6 +4,8 @@ samples (:mod:`pyrovae.analysis.conditional`)."""
 
 from __future__ import annotations
 
+import pyrovae
+
 import importlib.util
 import itertools
 import json
@@ -33,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CLASSES, BLOCK = 4, 4
 
 
+@pyrovae.data_loader
 def blocks(label_format: str = "integer", count: int = 1200, seed: int = 0):
     """16 pixels in 4 blocks of 4; label k lights block k (each pixel on with probability 0.95, off
     blocks 0.05). ``"integer"``: one class per row; ``"multi_hot"``: each label present with

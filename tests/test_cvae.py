@@ -4,6 +4,8 @@ deterministic baseline (``cvae_baseline``, ``no_latents``) and the quadrant data
 
 from __future__ import annotations
 
+import pyrovae
+
 import importlib.util
 import json
 import math
@@ -92,6 +94,7 @@ def baseline_table(given=1, epochs=3):
     )
 
 
+@pyrovae.data_loader
 def two_modes(count: int = 2000, flip: float = 0.05, seed: int = 0):
     """4x4 images whose left half (the input) is random bits and whose right half (the output) is all
     ones or all zeros, by a fair coin the input says nothing about, with each pixel flipped with

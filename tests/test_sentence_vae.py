@@ -2,6 +2,7 @@
 masking of padding, word dropout, causality of the CNN decoder, word-by-word decoding against
 teacher forcing, label conditioning, one optimizer step, and word_keep driven through the fit loop."""
 
+import pyrovae
 import pyro
 import pytest
 import torch
@@ -45,6 +46,7 @@ def tiny_data(labels: bool = False):
     return sequence_splits(train, test, validation=8, num_categories=VOCABULARY, num_classes=3 if labels else None)
 
 
+@pyrovae.data_loader
 def tiny_sentences(labels: bool = False, seed: int = 0):
     """The tiny data set as a loader, for the TOML test."""
     return tiny_data(labels)

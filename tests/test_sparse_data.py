@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pyrovae
+
 import numpy as np
 import pytest
 import scipy.sparse
@@ -35,6 +37,7 @@ def _context(count: int, seed: int) -> torch.Tensor:
 SPEC = DataSpec("sparse-toy", (FEATURES,), "binary")
 
 
+@pyrovae.data_loader
 def sparse_loader(seed: int = 0) -> SparseSplits:
     """120 training rows (30 carved off for validation) and 40 test rows, held sparse."""
     data = make_sparse_splits(
@@ -47,6 +50,7 @@ def sparse_loader(seed: int = 0) -> SparseSplits:
     return SparseSplits(data.spec, data.train, data.valid, data.test, dense_rows_limit=LIMIT)
 
 
+@pyrovae.data_loader
 def dense_loader(seed: int = 0):
     """The same rows as :func:`sparse_loader`, held dense."""
     train, test = _binary_rows(120, seed), _binary_rows(40, seed + 1)
@@ -157,7 +161,7 @@ def test_make_sparse_splits_carves_the_rows_make_splits_carves():
     for name in ("train", "valid"):
         assert torch.equal(sparse.split(name)["y"], dense.split(name)["y"])
         assert np.array_equal(sparse.csr(name).toarray(), dense.split(name)["x"].numpy())
-    with pytest.raises(DataError, match="must leave training examples"):
+    with pytest.raises(DataError, match="leaves none for training"):
         make_sparse_splits(SPEC, {"x": train}, {"x": test}, validation=30, seed=0)
 
 

@@ -2,6 +2,7 @@
 `sample` pass every key the loader gives (labels, lengths ...) to the model and the guide. Data that
 are not images get their samples as JSON."""
 
+import pyrovae
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +67,7 @@ def test_a_conditional_model_survives_train_evaluate_and_sample_from_the_cli(tmp
 VOCABULARY, LENGTH = 5, 6
 
 
+@pyrovae.data_loader
 def tokens(seed: int = 0, validation: int = 20):
     """Integer token rows of varying length (padding 0 after ``lengths``): data that are not images.
     Row n repeats the token n % VOCABULARY up to its length."""

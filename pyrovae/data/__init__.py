@@ -37,7 +37,8 @@ The loader contract
 
 A data set is a function ``loader(**options) -> DataSplits``, named in TOML by a registered short
 name (``"digits"``, ``"mnist"``, ``"fashion-mnist"``) or by import path
-(``name = "mypackage.mymodule:loader"``). Its keyword options are the ``[data]`` table's keys,
+(``name = "mypackage.mymodule:loader"``, a function decorated with ``@pyrovae.data_loader``: an
+import path must name a declared part). Its keyword options are the ``[data]`` table's keys,
 checked against the signature (their annotations and defaults: an unknown key, a missing one or a
 wrong type is a ``ConfigError``). It returns :class:`DataSplits` with
 
@@ -52,9 +53,11 @@ wrong type is a ``ConfigError``). It returns :class:`DataSplits` with
 
     # mypackage/mymodule.py               [data]
     import torch                         # name = "mypackage.mymodule:loader"
-    from pyrovae import DataSpec         # noise = 0.1
+    import pyrovae                       # noise = 0.1
+    from pyrovae import DataSpec
     from pyrovae.data import make_splits
 
+    @pyrovae.data_loader
     def loader(noise: float = 0.1, seed: int = 0):
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(1000, 2, generator=g) * noise + torch.tensor([1.0, -1.0])

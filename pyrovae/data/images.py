@@ -14,7 +14,7 @@ import torch
 
 from pyrovae.data.labels import keep_labels_per_class
 from pyrovae.data.memmap import cached_memmap
-from pyrovae.data.splits import DataSplits, make_splits
+from pyrovae.data.splits import DataSplits, check_held_out, make_splits, split_rows
 from pyrovae.errors import DataError
 from pyrovae.pair import DataSpec
 from pyrovae.registry import DATASETS
@@ -177,7 +177,8 @@ def digits(
     images = torch.from_numpy(bunch.images.astype(np.float32) / 16.0)
     labels = torch.from_numpy(bunch.target.astype(np.int64))
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed + 100))
-    test_size = int(round(test * len(images)))
+    test_size = split_rows(test, len(images), "test")
+    check_held_out(test_size, len(images), "test", test)
     test_index, train_index = order[:test_size], order[test_size:]
     return _image_splits(
         "digits",

@@ -43,7 +43,7 @@ import torch
 from scipy import sparse
 
 from pyrovae.data.sparse import SparseSplits
-from pyrovae.data.splits import DataSplits
+from pyrovae.data.splits import DataSplits, split_rows
 from pyrovae.errors import ConfigError, DataError
 from pyrovae.pair import DataSpec
 from pyrovae.registry import DATASETS
@@ -55,13 +55,6 @@ YEAST_OPENML_ID = 40597
 
 
 # --- splits --------------------------------------------------------------------------------------
-
-
-def _count(value: int | float, total: int, key: str) -> int:
-    """A count of rows from a fraction in (0, 1) or a count."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ConfigError(f"data.{key} = {value!r} is not allowed: give a fraction in (0, 1) or a count of rows")
-    return int(round(value * total)) if isinstance(value, float) and value < 1 else int(value)
 
 
 def _as_tensor(matrix) -> torch.Tensor:
@@ -175,8 +168,8 @@ def yeast(
     features, labels = read_yeast(path)
     total = len(features)
     order = np.random.default_rng(seed).permutation(total)
-    test_rows, rest = _carve(order, _count(test, total, "test"), "data.test", total)
-    valid_rows, train_rows = _carve(rest, _count(validation, len(rest), "validation"), "data.validation", total)
+    test_rows, rest = _carve(order, split_rows(test, total, "test"), "data.test", total)
+    valid_rows, train_rows = _carve(rest, split_rows(validation, len(rest), "validation"), "data.validation", total)
     return multilabel_splits("yeast", features, labels, np.sort(train_rows), valid_rows, test_rows, standardize)
 
 
@@ -309,7 +302,7 @@ def xml_sparse(
     features, labels = sparse.vstack([train_x, test_x]).tocsr(), sparse.vstack([train_y, test_y]).tocsr()
     count = train_x.shape[0]
     order = np.random.default_rng(seed).permutation(count)
-    valid_rows, train_rows = _carve(order, _count(validation, count, "validation"), "data.validation", count)
+    valid_rows, train_rows = _carve(order, split_rows(validation, count, "validation"), "data.validation", count)
     name = Path(train).expanduser().parent.name or "xml_sparse"
     test_rows = np.arange(count, features.shape[0])
     return multilabel_splits(name, features, labels, np.sort(train_rows), valid_rows, test_rows, sparse_rows=sparse_rows)
@@ -433,8 +426,8 @@ def synthetic_xml(
     ``seed``; TF-IDF weights from the training rows. ``sparse_rows``: as for ``xml_sparse``."""
     drawn = generate_xml(examples, features, labels, exponent, mean_labels, document_length, label_words, label_share, seed=seed)
     order = np.random.default_rng(seed + 1).permutation(examples)
-    test_rows, rest = _carve(order, _count(test, examples, "test"), "data.test", examples)
-    valid_rows, train_rows = _carve(rest, _count(validation, len(rest), "validation"), "data.validation", examples)
+    test_rows, rest = _carve(order, split_rows(test, examples, "test"), "data.test", examples)
+    valid_rows, train_rows = _carve(rest, split_rows(validation, len(rest), "validation"), "data.validation", examples)
     train_rows = np.sort(train_rows)
     features_matrix = tfidf(drawn.counts, inverse_document_frequency(drawn.counts[train_rows]))
     return multilabel_splits("synthetic_xml", features_matrix, drawn.labels, train_rows, valid_rows, test_rows, sparse_rows=sparse_rows)

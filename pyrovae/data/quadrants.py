@@ -35,7 +35,7 @@ import torch
 
 from pyrovae.data.splits import DataSplits
 from pyrovae.errors import DataError
-from pyrovae.registry import DATASETS
+from pyrovae.registry import DATASETS, declare
 
 # The order in which quadrants become inputs: (row half, column half), 0 = top / left.
 GIVEN_ORDER = ((1, 0), (0, 0), (0, 1))
@@ -66,6 +66,7 @@ def split_quadrants(tensors: dict, target: torch.Tensor) -> dict:
     return {**tensors, "c": x.masked_fill(mask, UNKNOWN), "target": mask.expand(x.shape[0], -1)}
 
 
+@declare("data set")
 def quadrants(
     source: str = "mnist",
     given_quadrants: int = 1,

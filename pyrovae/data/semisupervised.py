@@ -42,6 +42,7 @@ import torch
 from pyrovae.data import images
 from pyrovae.data.splits import Batch, DataSplits
 from pyrovae.errors import DataError
+from pyrovae.registry import declare
 
 
 @dataclass
@@ -99,7 +100,7 @@ def labelled_in_every_batch(loader: Callable[..., DataSplits]) -> Callable[..., 
     load.__signature__ = signature.replace(parameters=[*signature.parameters.values(), added])
     load.__annotations__ = {**loader.__annotations__, "labelled_per_batch": "int"}
     load.__doc__ = f"{loader.__doc__ or ''}\n\nEvery shuffled training batch ends with ``labelled_per_batch`` labelled rows."
-    return load
+    return declare("data set")(load)
 
 
 mnist = labelled_in_every_batch(images.mnist)

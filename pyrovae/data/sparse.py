@@ -41,7 +41,7 @@ import numpy as np
 import scipy.sparse
 import torch
 
-from pyrovae.data.splits import SPLITS, Batch, DataSplits
+from pyrovae.data.splits import SPLITS, Batch, DataSplits, check_held_out, split_rows
 from pyrovae.errors import DataError
 from pyrovae.pair import DataSpec
 
@@ -276,9 +276,8 @@ def make_sparse_splits(spec: DataSpec, train: dict, test: dict, *, validation: i
     give the same three splits. Values may be SciPy sparse matrices, torch sparse tensors or
     dense tensors (labels)."""
     count = int(train["x"].shape[0])
-    valid_size = int(round(validation * count)) if isinstance(validation, float) and validation < 1 else int(validation)
-    if not 0 < valid_size < count:
-        raise DataError(f"data.validation must leave training examples: got {validation!r} for {count} examples")
+    valid_size = split_rows(validation, count, "validation")
+    check_held_out(valid_size, count, "validation", validation)
     order = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).numpy()
     valid_index, train_index = order[:valid_size], order[valid_size:]
     return SparseSplits(

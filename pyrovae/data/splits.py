@@ -12,7 +12,9 @@ from typing import Callable, Iterator
 
 import torch
 
-from pyrovae.errors import DataError
+from numbers import Real
+
+from pyrovae.errors import ConfigError, DataError
 from pyrovae.pair import DataSpec, first_offender
 from pyrovae.traces import preserved_rng
 
@@ -148,6 +150,40 @@ def _binarize_once(x: torch.Tensor, seed: int) -> torch.Tensor:
     return torch.bernoulli(x, generator=generator)
 
 
+def split_rows(amount: int | float, total: int, key: str) -> int:
+    """The number of rows that ``data.<key>`` (``validation``, ``test``) asks for out of ``total``: a
+    float in (0, 1) is a fraction, an integer is a count. A float of 1 or more (``1.0``) is refused as
+    ambiguous rather than read as a count, and a negative, non-numeric or fractional count is refused,
+    each naming ``data.<key>``."""
+    meaning = "give a fraction in (0, 1) (e.g. 0.1) or a whole count of rows (e.g. 500)"
+    if isinstance(amount, bool) or not isinstance(amount, Real):
+        raise ConfigError(f"data.{key} = {amount!r} is not allowed: {meaning}")
+    if isinstance(amount, float):
+        if 0 < amount < 1:
+            return int(round(amount * total))
+        if amount >= 1 and amount.is_integer():
+            raise ConfigError(
+                f"data.{key} = {amount!r} is ambiguous: a fraction must lie in (0, 1), and a count is written "
+                f"without a decimal point (data.{key} = {int(amount)})"
+            )
+        if amount != 0:
+            raise ConfigError(f"data.{key} = {amount!r} is not allowed: {meaning}")
+    if amount < 0:
+        raise ConfigError(f"data.{key} = {amount!r} is not allowed: {meaning}")
+    return int(amount)
+
+
+def check_held_out(held: int, available: int, key: str, amount) -> None:
+    """Refuse a held-out split that takes none, or every one, of the ``available`` rows, naming the key."""
+    if held <= 0:
+        raise DataError(f"data.{key} = {amount!r} holds out no rows of {available}; give a fraction in (0, 1) or a count >= 1")
+    if held >= available:
+        raise DataError(
+            f"data.{key} = {amount!r} holds out {held} of the {available} rows and leaves none for training; "
+            f"give a smaller fraction or count"
+        )
+
+
 def make_splits(
     spec: DataSpec,
     train: Batch,
@@ -163,9 +199,8 @@ def make_splits(
     if binarize not in BINARIZATIONS:
         raise DataError(f"data.binarize must be one of {', '.join(BINARIZATIONS)}, got {binarize!r}")
     count = int(train["x"].shape[0])
-    valid_size = int(round(validation * count)) if isinstance(validation, float) and validation < 1 else int(validation)
-    if not 0 < valid_size < count:
-        raise DataError(f"data.validation must leave training examples: got {validation!r} for {count} examples")
+    valid_size = split_rows(validation, count, "validation")
+    check_held_out(valid_size, count, "validation", validation)
     order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
     valid_index, train_index = order[:valid_size], order[valid_size:]
     valid = {key: value[valid_index] for key, value in train.items()}

@@ -37,6 +37,8 @@ Metrics = dict[str, torch.Tensor]
 class Objective:
     """Base: inspects each pair once, checks it, and caches the plate depth."""
 
+    __pyrovae_kind__ = "objective"  # subclasses may be named by import path (pyrovae.registry.declare)
+
     name: str = "objective"
     particles: int | None = None
     # The validation metric the fit loop selects best.pt and stops early by (higher is better).
