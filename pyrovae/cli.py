@@ -1,4 +1,4 @@
-"""Command line: ``pyrovae train | evaluate | sample | analyze | active-units | multilabel``.
+"""Command line: ``pyrovae train | evaluate | sample | analyze | active-units | multilabel | sweep | tune``.
 
 Every command of the project is here; library modules have no ``main()`` of their own. A command
 opens a run folder through :class:`~pyrovae.experiment.Experiment` and calls analysis functions,
@@ -29,7 +29,7 @@ from pyrovae.train import distributed
 from pyrovae.train.distributed import DistributedJobError
 
 # Failures that are the user's to fix: one line on stderr, exit 2, no traceback.
-USER_ERRORS = (ConfigError, DataError, PairMismatchError, NonFiniteLossError, CheckpointError, FileNotFoundError, DistributedJobError)
+USER_ERRORS = (ConfigError, DataError, PairMismatchError, NonFiniteLossError, CheckpointError, FileWriteError, FileNotFoundError, DistributedJobError)
 
 
 def _count(low: int, meaning: str = ""):
@@ -168,7 +168,31 @@ def _parser() -> argparse.ArgumentParser:
     multilabel.add_argument("--out", type=Path, help="also write the metrics of each run as JSON lines to this file")
     multilabel.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help=portable_help)
     multilabel.add_argument("--device", help=device_help)
+    _sweep_parsers(commands)
     return parser
+
+
+def _sweep_parsers(commands) -> None:
+    """``pyrovae sweep`` and ``pyrovae tune`` (pyrovae.sweeps, pyrovae.tuning)."""
+    sweep_help = (
+        "run experiments x grid x seeds, one ordinary run folder per point (OUT/<grid point>/seed<S>), --jobs at a "
+        "time; run it again to skip finished points and resume interrupted ones; writes OUT/summary.md and "
+        "OUT/summary.csv (mean ± std over seeds of every final.json metric)"
+    )
+    sweep = commands.add_parser("sweep", help=sweep_help, description=sweep_help)
+    sweep.add_argument("experiments", nargs="+", metavar="EXPERIMENT", help="experiment TOML files (several: compared as a grid axis)")
+    sweep.add_argument("--out", required=True, help="the sweep's folder")
+    sweep.add_argument("--seeds", help="seeds such as 0-4 or 0,3,7 (default: each experiment's own seed)")
+    sweep.add_argument(
+        "--seed-keys", default="seed", help="the settings a seed is written to, comma-separated (default: seed; e.g. seed,data.seed)"
+    )
+    sweep.add_argument("--grid", action="extend", nargs="+", default=[], metavar="KEY=V1,V2", help="a grid axis (TOML values)")
+    sweep.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value of every point")
+    sweep.add_argument("--device", help="auto, cpu, cuda or cuda:N for every point (the same as --set train.device=...)")
+    sweep.add_argument("--jobs", type=_count(1), default=1, help="runs at a time, each in its own process (default 1)")
+    sweep.add_argument("--threads", type=_count(1), default=1, help="torch threads per run on the CPU (default 1)")
+    sweep.add_argument("--summary-only", action="store_true", help="only rewrite summary.md and summary.csv from the run folders")
+    sweep.add_argument("--no-progress", action="store_true", help="no progress bar (one line per finished point still)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
             return _active_units(args, overrides)
         elif args.command == "multilabel":
             return _multilabel(args, overrides)
+        elif args.command == "sweep":
+            return _sweep(args, overrides)
     except USER_ERRORS as error:
         # One line: an error raised inside a Pyro trace comes back with the trace's shape table appended.
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -275,6 +301,45 @@ def _multilabel(args, overrides: list[str]) -> int:
     if args.out is not None:
         args.out.write_text("".join(json.dumps(record) + "\n" for record in records))
     return 0
+
+
+def _sweep(args, overrides: list[str]) -> int:
+    """``pyrovae sweep``: the points not finished yet, then the summary; exit code 1 if a point failed."""
+    from pyrovae.sweeps import Sweep, parse_grid, parse_seeds, run_sweep, write_summary
+
+    sweep = Sweep(
+        experiments=[Path(path) for path in args.experiments],
+        out=Path(args.out),
+        seeds=parse_seeds(args.seeds) if args.seeds else None,
+        grid=parse_grid(args.grid),
+        overrides=overrides,
+        seed_keys=tuple(key.strip() for key in args.seed_keys.split(",") if key.strip()),
+    )
+    if args.summary_only:
+        for path in write_summary(sweep):
+            print(path)
+        return 0
+    signal.signal(signal.SIGTERM, _interrupted_by_signal)  # a kill stops the runs, which the next sweep resumes
+    try:
+        result = run_sweep(sweep, jobs=args.jobs, threads=args.threads, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(
+            "\npyrovae sweep: interrupted; run the same command again: finished points are skipped and interrupted ones "
+            "resume from their checkpoints",
+            file=sys.stderr,
+        )
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    print(Path(args.out) / "summary.md")
+    if result.failed:
+        print(f"pyrovae sweep: {len(result.failed)} of {len(result.points)} points failed; run the same command again to retry them", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _interrupted_by_signal(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _stopped_by_signal(signum, frame):
