@@ -36,6 +36,7 @@ from pyrovae.errors import ConfigError
 from pyrovae.registry import DATASETS, GUIDES, MODELS, OBJECTIVES, SCHEDULES
 from pyrovae.schedules import check_input_names, check_role, declared_inputs
 from pyrovae.train.loop import TrainConfig
+from pyrovae.train.tracking import LogConfig
 
 PART_REGISTRIES = {"data": DATASETS, "model": MODELS, "guide": GUIDES, "objective": OBJECTIVES, "anneal": SCHEDULES}
 DEFAULT_PARTS = {"guide": "diag_normal", "objective": "elbo", "anneal": "constant"}
@@ -65,7 +66,7 @@ class EvaluateConfig:
                 raise ValueError(f"evaluate.{key} = {getattr(self, key)!r} is not allowed: it must be >= {low}{meaning}")
 
 
-FIXED_SECTIONS = {"train": TrainConfig, "evaluate": EvaluateConfig}
+FIXED_SECTIONS = {"train": TrainConfig, "evaluate": EvaluateConfig, "log": LogConfig}
 TOP_LEVEL = {"seed": int, "description": str}
 # Tables of schedule tables: input name -> {name = "<schedule>", options...}.
 SCHEDULE_SECTIONS = ("schedules",)
@@ -83,6 +84,7 @@ RESUMABLE_SETTINGS = PORTABLE_SETTINGS + (
     "train.clip_norm",
     "train.max_nonfinite_retries",
     "train.log_every",
+    "log.",  # tracking (TensorBoard, MLflow) does not change the run
 )
 
 

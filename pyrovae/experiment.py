@@ -53,6 +53,8 @@ from pyrovae.registry import MODELS, SCHEDULES, split_folder
 from pyrovae.schedules import StepSchedules
 from pyrovae.train import distributed
 from pyrovae.train.denormals import denormals_flushed
+from pyrovae.train.progress import stderr_is_terminal
+from pyrovae.train.tracking import Trackers, log_analysis, trackers_for
 from pyrovae.train import (
     BEST,
     LATEST,
@@ -287,15 +289,19 @@ class Experiment:
         self.data = self.data.to(device)
         return saved
 
-    def train(self, run_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
+    def train(self, run_dir: str | Path, resume: bool = False, progress: bool = True, trackers=()) -> dict:
         """Train into ``run_dir`` (locked against other processes while this one works in it) and
         write the test metrics, plots and samples. ``resume`` continues from the latest checkpoint;
-        a finished or early-stopped run resumes to the same result without training further."""
+        a finished or early-stopped run resumes to the same result without training further.
+        ``[log]`` asks for TensorBoard and MLflow (:mod:`pyrovae.train.tracking`); ``trackers`` are
+        more of them (e.g. :mod:`pyrovae.tuning`'s pruning reporter)."""
         run_dir = Path(run_dir)
         # Under torchrun every rank joins the job here; only rank 0 takes the folder and writes into it.
         context = distributed.setup(self.train_config.device)
+        logged = trackers_for(self.config.get("log", {}), run_dir, self.config) if context.is_main else []
         with distributed.main_holds(context, lambda: locked_run_folder(run_dir)):
-            return self._train_locked(run_dir, resume, progress and context.is_main)
+            with Trackers([*logged, *trackers], active=context.is_main) as tracking:
+                return self._train_locked(run_dir, resume, progress and context.is_main, tracking)
 
     def _check_run_folder(self, run_dir: Path, resume: bool) -> None:
         if resume:
@@ -310,7 +316,7 @@ class Experiment:
                 f"{', ...' if len(foreign) > 3 else ''}); choose a new or empty folder"
             )
 
-    def _train_locked(self, run_dir: Path, resume: bool, progress: bool) -> dict:
+    def _train_locked(self, run_dir: Path, resume: bool, progress: bool, tracking: Trackers) -> dict:
         config_path = run_dir / CONFIG_FILE
         context = distributed.current()
 
@@ -335,10 +341,11 @@ class Experiment:
             resume=resume,
             progress=progress,
             fingerprint=self.config,
+            trackers=tracking.trackers,
         )
         train_seconds = time.perf_counter() - started
         self.load_parameters(run_dir, self.evaluate_config.checkpoint)
-        final = self.test_metrics(progress=progress)
+        final = self.test_metrics(progress=progress and stderr_is_terminal())
         final.update(
             epochs=result.state.epoch,
             best_epoch=result.state.best_epoch,
@@ -351,6 +358,7 @@ class Experiment:
         if context.is_main:
             (run_dir / FINAL_FILE).write_text(json.dumps(final, indent=2) + "\n")
             self.plots(run_dir, result.state.history)
+            tracking.finish(run_dir, final)
         return final
 
     def _keep_vocabulary(self, run_dir: Path, resume: bool) -> None:
@@ -538,7 +546,7 @@ class Experiment:
             "checkpoint": checkpoint or self.evaluate_config.checkpoint,
             "step": self.step,
         }
-        return write_analysis(
+        analysis = write_analysis(
             self.model,
             self.guide,
             test,
@@ -554,3 +562,5 @@ class Experiment:
             batch_size=self.evaluate_config.batch_size,
             progress=progress,
         )
+        log_analysis(run_dir, run_dir / "analysis")  # into the run's MLflow run, where it has one
+        return analysis

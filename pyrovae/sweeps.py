@@ -41,6 +41,7 @@ from filelock import FileLock, Timeout
 from pyrovae.config import load_experiment, load_toml, resolve_config
 from pyrovae.errors import ConfigError, RunFolderError
 from pyrovae.train.checkpoint import LATEST, previous_path
+from pyrovae.train.progress import duration
 
 PLAN_FILE = "sweep.json"
 LOG_FILE = "train.log"
@@ -284,15 +285,6 @@ def _epochs_done(folder: Path) -> int:
         return 0
 
 
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
-
-
 def run_sweep(
     sweep: Sweep,
     jobs: int = 1,
@@ -372,7 +364,7 @@ def _run_points(pending, todo, epochs, skipped, jobs, threads, bar, say, finishe
                 code = item.process.returncode
                 _record_session(item.point, item.started, item.resumed, code)
                 done += 1
-                took = _duration(time.perf_counter() - item.started)
+                took = duration(time.perf_counter() - item.started)
                 if code == 0:
                     finished.append(item.point)
                     say(f"[{done}/{total}] {item.point.name}: done in {took}{_headline(item.point.folder)}")

@@ -31,13 +31,14 @@ from pyrovae.train.denormals import denormals_flushed
 from pyrovae.train.devices import resolve_device
 from pyrovae.train.evaluation import evaluate_objective
 from pyrovae.train.optim import FUSED_OPTIMIZERS, OPTIMIZERS, make_optimizer, parameter_groups
-from pyrovae.train.progress import Progress, Records
+from pyrovae.train.progress import Progress, Records, stderr_is_terminal
 from pyrovae.train.recovery import FiniteWatch, NonFiniteRecovery, NonFiniteStep
 from pyrovae.train.resume import Checkpoints
 from pyrovae.train.selection import DIVERGENCE_FRACTION, DIVERGENCE_NATS, BestAndEarlyStop, diverged
 from pyrovae.train.settings import PRECISIONS, FitOptions, TrainConfig
 from pyrovae.train.state import FitResult, TrainState
 from pyrovae.train.step import Step, argument_validation, set_argument_validation
+from pyrovae.train.tracking import Trackers
 from pyrovae.train.training import Training
 
 __all__ = [
@@ -81,12 +82,17 @@ def fit(model, guide, objective: Callable, data: DataSplits, config: TrainConfig
     objective's ``selection_metric``) and ``metrics.jsonl`` are written; ``resume`` (continue from
     ``latest.pt`` as if never stopped); ``progress``; ``fingerprint`` (stored in checkpoints).
 
+    ``progress``: a bar on a terminal, else one line per epoch. ``trackers``
+    (:mod:`pyrovae.train.tracking`) are told of the start, every ``log_every`` steps and each epoch's
+    record (rank 0 only); whoever made them closes them.
+
     Under ``torchrun`` every rank calls ``fit`` with the same arguments; ``config.batch_size`` is the
     global batch, and only rank 0 writes ``run_dir``. Subnormal floats are flushed to zero while it
     runs (``config.flush_denormal``).
     """
     options = FitOptions.of(options)
     run = Training(model, guide, objective, data, config, options)
+    trackers = Trackers(options.trackers, active=run.context.is_main)
     checkpoints, records = Checkpoints(run, options.run_dir, options.fingerprint), Records(run, options.run_dir)
     if options.resume:
         checkpoints.resume()
@@ -96,13 +102,14 @@ def fit(model, guide, objective: Callable, data: DataSplits, config: TrainConfig
     step = Step.for_training(run)
     run.share_and_check()
     recovery, selection = NonFiniteRecovery(run), BestAndEarlyStop.for_training(run)
-    with Progress(run, options.progress) as progress, argument_validation(run.state.step == 0 and config.validate_first_step):
+    trackers.start(run, resumed=options.resume)
+    with Progress(run, options.progress and stderr_is_terminal()) as progress, argument_validation(run.state.step == 0 and config.validate_first_step):
         while run.state.epoch < config.epochs and not run.state.stopped_early:
             run.learning_rates.set(run.state)
             recovery.start_epoch()
             started = time.perf_counter()
             try:
-                train_metrics = _train_epoch(run, step, progress)
+                train_metrics = _train_epoch(run, step, progress, trackers)
             except NonFiniteStep as failure:
                 recovery.restore(failure)
                 progress.rewind(run.state.epoch)
@@ -115,12 +122,13 @@ def fit(model, guide, objective: Callable, data: DataSplits, config: TrainConfig
             improved = selection.update(run.state, valid_metrics)
             checkpoints.save(improved)
             records.append(record)
-            progress.epoch_end(valid_metrics)
+            progress.epoch_end(valid_metrics, record["seconds"])
             selection.announce(run.state)
+            trackers.epoch(run, record)
     return FitResult(state=run.state, stopped_early=run.state.stopped_early, device=run.device)
 
 
-def _train_epoch(run: Training, step: Step, progress: Progress) -> dict[str, float]:
+def _train_epoch(run: Training, step: Step, progress: Progress, trackers: Trackers) -> dict[str, float]:
     """The epoch's steps; returns the training metrics averaged over them. Metrics stay on the
     device, and the device is read every ``log_every`` steps and at the end (see :class:`FiniteWatch`)."""
     run.model.train()
@@ -133,6 +141,7 @@ def _train_epoch(run: Training, step: Step, progress: Progress) -> dict[str, flo
         if run.state.step % log_every == 0:
             watch.check()
             progress.show_loss(watch.history, run.state.step)
+            trackers.steps(run, watch.history, run.state.step)
     watch.check()
     return run.ranks.epoch_metrics(watch.history)
 

@@ -1,9 +1,11 @@
 """What a run shows and records: its messages, the progress bar and ``metrics.jsonl``.
 
 Messages go to stderr (stdout carries results) without breaking the progress bar; ranks other than
-0 keep quiet (rank 0 says what every rank would). The bar counts steps, shows the loss of the last
-``log_every`` steps and the schedules' values when the loop reads the device anyway, and the
-validation score after each epoch. ``metrics.jsonl`` holds one record per epoch; a resumed run
+0 keep quiet (rank 0 says what every rank would). On a terminal the bar counts steps, shows the loss
+of the last ``log_every`` steps and the schedules' values when the loop reads the device anyway, and
+the validation score after each epoch. Without a bar (``--no-progress``, or stderr is not a terminal:
+a log file, a sweep's ``train.log``) each epoch prints one line instead of carriage-return redraws:
+the epoch, the validation score, the seconds it took and the time left. ``metrics.jsonl`` holds one record per epoch; a resumed run
 rewrites it from the checkpoint's history, so records written after the last checkpoint by a
 killed run are dropped, never duplicated.
 """
@@ -34,12 +36,30 @@ def messenger(context) -> Callable[[str], None]:
     return say if context.is_main else quiet
 
 
+def stderr_is_terminal() -> bool:
+    """Whether a progress bar can redraw in place on stderr (else: one line per epoch)."""
+    isatty = getattr(sys.stderr, "isatty", None)
+    return bool(isatty and isatty())
+
+
+def duration(seconds: float) -> str:
+    """``42 s``, ``3 min 05 s``, ``2 h 07 min``."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
 class Progress:
-    """The progress bar over every step of the run (rank 0 only; off without ``enabled``)."""
+    """The progress bar over every step of the run with ``enabled``, else one line per epoch (rank 0 only)."""
 
     def __init__(self, training, enabled: bool = True):
         self.training = training
         config = training.config
+        self.lines = not enabled and training.context.is_main
+        self.started, self.first_epoch = time.perf_counter(), training.state.epoch
         self.steps_per_epoch = training.data.num_batches("train", config.batch_size)
         self.bar = tqdm(
             total=self.steps_per_epoch * config.epochs,
@@ -71,11 +91,24 @@ class Progress:
         """Back to the start of ``epoch`` (a non-finite recovery redoes it)."""
         self.bar.n = self.steps_per_epoch * epoch
 
-    def epoch_end(self, valid_metrics: dict[str, float]) -> None:
+    def epoch_end(self, valid_metrics: dict[str, float], seconds: float | None = None) -> None:
+        """The validation score on the bar, or the epoch's line (``seconds``: the epoch took)."""
         run = self.training
-        if run.config.validate:
-            score = valid_metrics[run.selection_metric]
+        score = valid_metrics[run.selection_metric] if run.config.validate else None
+        if score is not None:
             self.bar.set_postfix({"epoch": run.state.epoch, f"valid_{run.selection_metric}": f"{score:.2f}"})
+        if not self.lines:
+            return
+        epoch, epochs = run.state.epoch, run.config.epochs
+        parts = [f"epoch {epoch}/{epochs}"]
+        if score is not None:
+            parts.append(f"valid {run.selection_metric} {score:.4g}")
+        if seconds is not None:
+            parts.append(f"{seconds:.1f} s")
+        done = epoch - self.first_epoch
+        if done > 0 and epoch < epochs:
+            parts.append(f"about {duration((time.perf_counter() - self.started) / done * (epochs - epoch))} left")
+        say("  ".join(parts))
 
 
 class Records:

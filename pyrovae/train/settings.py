@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 from pyrovae.train.compiled import COMPILE_MODES
 from pyrovae.train.optim import OPTIMIZERS
@@ -117,6 +117,9 @@ class FitOptions:
     progress: bool = True
     # Stored in checkpoints (e.g. the resolved config).
     fingerprint: dict | None = None
+    # Trackers (pyrovae.train.tracking.Tracker): told of the start, every log_every steps and each
+    # epoch's record, on rank 0; whoever made them closes them.
+    trackers: Sequence = ()
 
     @classmethod
     def of(cls, options: Mapping) -> "FitOptions":
