@@ -76,6 +76,12 @@ class SentenceLSTMGuide(Guide):
         self.head = nn.Linear(features, 2 * self.latent_dim)
 
     def forward(self, x: torch.Tensor, mask=None, lengths=None, y=None, **batch):
+        with pyro.plate("data", x.shape[0], device=x.device):
+            pyro.sample("z", self.posterior(x, mask, lengths, y))
+
+    def posterior(self, x: torch.Tensor, mask=None, lengths=None, y=None, **batch) -> DiagonalNormal:
+        """q(z | x) of every row: the distribution that :meth:`forward` samples site ``z`` from
+        (batch shape (N,), event (D,)), one encoder pass per sentence."""
         _, lengths = real_positions(x, mask, lengths)
         features = self.encoder(x, lengths)
         if self.label_embedding is not None:
@@ -84,5 +90,4 @@ class SentenceLSTMGuide(Guide):
             features = torch.cat([features, self.label_embedding(y.long())], -1)
         loc, raw_scale = self.head(features).chunk(2, -1)
         scale = F.softplus(raw_scale) + self.config.min_scale
-        with pyro.plate("data", x.shape[0], device=x.device):
-            pyro.sample("z", DiagonalNormal(loc, scale, 1))
+        return DiagonalNormal(loc, scale, 1)

@@ -164,6 +164,35 @@ class SentenceDecoderModel(Model):
         words = WordCategorical(logits, validate_args=False).mask(mask).to_event(1)
         pyro.sample("x", words, obs=x)
 
+    # --- the fast importance-sampled likelihood (pyrovae.analysis.likelihood) -------------------
+
+    def conditional_log_prob(self, z: torch.Tensor | None, x: torch.Tensor, mask=None, lengths=None, y=None, positions_per_pass: int = 4096, **batch):
+        """log p(x_n | z_{k,n}) = sum_{t < L_n} log p(x_{n,t} | x_{n,<t}, c_{k,n}) for particles z
+        (K, N, D) of the N rows of x (N, T): (K, N). The K particles are folded into the rows of
+        one decoder call; the output layer runs at the real positions only
+        (:meth:`~pyrovae.nn.sequence.DecoderCore.sequence_log_prob`). Word dropout is not applied:
+        this is the evaluation density (the site ``x`` of :meth:`forward` in eval mode).
+        ``z = None``: the language model, (1, N)."""
+        mask, _ = real_positions(x, mask, lengths)
+        if z is None:
+            context = self.decoder_context(None, y)
+            particles = 1
+        else:
+            particles = z.shape[0]
+            labels = None if y is None else y.expand((particles,) + y.shape)
+            context = self.decoder_context(z, labels)
+        rows = particles * x.shape[0]
+        expand = lambda t: t.expand((particles,) + t.shape).reshape((rows,) + t.shape[1:])  # noqa: E731
+        flat_context = None if context is None else context.expand((particles, x.shape[0], context.shape[-1])).reshape(rows, -1)
+        scores = self.decoder.sequence_log_prob(
+            expand(teacher_forcing_inputs(x)), expand(x), expand(mask), flat_context, positions_per_pass=positions_per_pass
+        )
+        return scores.view(particles, x.shape[0])
+
+    def latent_log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """log p(z) summed over the latent's dimensions, (...) for z (..., D): the prior of site ``z``."""
+        return StandardNormal(z.shape[:-1], z.shape[-1:], dtype=z.dtype, device=z.device).log_prob(z)
+
     # --- decoding, one word at a time (pyrovae.analysis.decoding) ------------------------------
 
     def start_decoding(self, context: torch.Tensor | None, rows: int):

@@ -96,6 +96,40 @@ class LinearWarmup:
         return self.start + (self.end - self.start) * min(1.0, step / self.warmup_steps)
 
 
+@_schedule("autoencoder_pretraining")
+@dataclass(frozen=True)
+class AutoencoderPretraining:
+    """Li et al. 2019 ("A surprisingly effective fix for deep latent variable modeling of text"),
+    the first phase of their recipe: value(t) = 0 for t < steps (the pair trains as an autoencoder:
+    reconstruction only), then ``value``.
+
+    With ``reinitialize_decoder = true`` the fit loop re-draws the model's parameters (its
+    decoder; the guide keeps what it learned) and their optimizer state once, just before step
+    ``steps``, as Li et al. do. The second phase is whatever the objective says: with
+    ``[objective] name = "free_bits"`` this is their recipe; any other objective, scheduled input
+    or strategy combines with it."""
+
+    roles = frozenset({"beta"})
+
+    steps: int
+    value: float = 1.0
+    reinitialize_decoder: bool = False
+
+    def __post_init__(self):
+        _require(
+            isinstance(self.steps, int) and not isinstance(self.steps, bool) and self.steps >= 1,
+            f"autoencoder_pretraining needs steps >= 1 (optimizer steps at beta = 0), got {self.steps!r}",
+        )
+        _require(self.value >= 0, f"autoencoder_pretraining needs value >= 0 (the KL weight after pretraining), got {self.value}")
+
+    def __call__(self, step: int) -> float:
+        return 0.0 if step < self.steps else self.value
+
+    def reinitialize_model_at(self) -> int | None:
+        """The step before which the model's parameters are re-drawn (None: never)."""
+        return self.steps if self.reinitialize_decoder else None
+
+
 @_schedule("logistic")
 @dataclass(frozen=True)
 class Logistic:

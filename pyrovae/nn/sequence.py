@@ -113,7 +113,45 @@ class DecoderCore(nn.Module):
         return logits.reshape(lead + logits.shape[-2:])
 
     def teacher_forced(self, inputs: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        """Logits (rows, T, V) of rows of inputs (rows, T) and a context (rows, C) or None."""
+        return self.output(self.dropout(self.features(inputs, context)))
+
+    def features(self, inputs: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        """What the output layer reads at each position, (rows, T, F)."""
         raise NotImplementedError
+
+    def sequence_log_prob(
+        self,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        mask: torch.Tensor,
+        context: torch.Tensor | None = None,
+        positions_per_pass: int = 4096,
+    ) -> torch.Tensor:
+        """sum_{t : mask[r, t]} log softmax(logits_{r, t})[targets_{r, t}] per row r, (rows,), for
+        rows of ``inputs``, ``targets`` and ``mask`` (rows, T) and a context (rows, C) or None.
+
+        The same numbers as scoring :meth:`teacher_forced`'s logits, computed without ever
+        holding them: the output layer runs only at the real positions, ``positions_per_pass``
+        of them at a time, and each pass keeps log sum_v exp(logits_v) and the target's logit,
+        so memory beyond the features is (positions_per_pass, V) whatever the rows."""
+        if positions_per_pass < 1:
+            raise ValueError(f"positions_per_pass = {positions_per_pass!r}: it must be >= 1")
+        features = self.dropout(self.features(inputs, context))
+        real = mask.reshape(-1).nonzero().squeeze(-1)
+        rows = real // mask.shape[1]
+        flat_features = features.reshape(-1, features.shape[-1])
+        flat_targets = targets.reshape(-1)
+        weight, bias = self.output.weight, self.output.bias
+        scores = features.new_zeros(real.shape[0])
+        for begin in range(0, real.shape[0], positions_per_pass):
+            index = real[begin : begin + positions_per_pass]
+            chunk = flat_features.index_select(0, index)
+            words = flat_targets.index_select(0, index)
+            normaliser = torch.logsumexp(torch.addmm(bias, chunk, weight.t()), -1)
+            target = (chunk * weight.index_select(0, words)).sum(-1) + bias.index_select(0, words)
+            scores[begin : begin + index.shape[0]] = target - normaliser
+        return features.new_zeros(mask.shape[0]).index_add_(0, rows, scores)
 
     def _check_context(self, context: torch.Tensor | None) -> None:
         width = 0 if context is None else context.shape[-1]
@@ -169,10 +207,10 @@ class LSTMDecoderCore(DecoderCore):
         h, c = self.initial_state(context).unsqueeze(0).chunk(2, -1)
         return h.contiguous(), c.contiguous()
 
-    def teacher_forced(self, inputs, context):
+    def features(self, inputs, context):
         step_context = context if self.context_every_step else None
         outputs, _ = self.lstm(self._embedded_inputs(inputs, step_context), self._initial(context, inputs.shape[0]))
-        return self.output(self.dropout(outputs))
+        return outputs
 
     def start(self, context: torch.Tensor | None, rows: int) -> LSTMState:
         self._check_context(context)
@@ -238,10 +276,9 @@ class DilatedCNNDecoderCore(DecoderCore):
         self.output = nn.Linear(channels, vocabulary)
         self.receptive_field = 1 + (kernel_size - 1) * sum(dilations)
 
-    def teacher_forced(self, inputs, context):
+    def features(self, inputs, context):
         hidden = self.input(self._embedded_inputs(inputs, context)).transpose(1, 2)
-        hidden = self.blocks(hidden).transpose(1, 2)
-        return self.output(self.dropout(F.relu(hidden)))
+        return F.relu(self.blocks(hidden).transpose(1, 2))
 
     def start(self, context: torch.Tensor | None, rows: int) -> CNNState:
         self._check_context(context)

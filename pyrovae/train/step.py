@@ -58,6 +58,21 @@ def autocast_for(precision: str, device: torch.device, say) -> Callable[[], cont
     return lambda: torch.autocast(device_type="cuda", dtype=torch.bfloat16)
 
 
+def reinitialize_model(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Re-draw the model's parameters in place (each submodule's own ``reset_parameters``, as at
+    construction) and forget their optimizer state (Adam's moments), so they train afresh; the
+    guide's parameters and state are left as they are. Returns the number of modules reset."""
+    reset = 0
+    with torch.no_grad():
+        for module in model.modules():
+            if callable(getattr(module, "reset_parameters", None)):
+                module.reset_parameters()
+                reset += 1
+    for parameter in model.parameters():
+        optimizer.state.pop(parameter, None)
+    return reset
+
+
 class Step:
     """``step(batch) -> metrics``: one optimizer update of ``training`` (see the module text).
     ``strategy`` (aggressive guide updates) acts while ``training.state.aggressive``; ``compiled``
@@ -69,6 +84,9 @@ class Step:
         self.clip = config.clip_norm if config.clip_norm > 0 else math.inf
         self.validate_first_step = config.validate_first_step
         self.has_inputs = bool(training.schedules.inputs)
+        # Li et al. 2019: the beta schedule may ask for the model (decoder) to be re-drawn after pretraining.
+        reinitialize_at = getattr(training.schedules.beta, "reinitialize_model_at", None)
+        self.reinitialize_at = reinitialize_at() if callable(reinitialize_at) else None
 
     @classmethod
     def for_training(cls, training) -> "Step":
@@ -85,6 +103,9 @@ class Step:
     def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
         run = self.training
         state, optimizer = run.state, run.optimizer
+        if state.step == self.reinitialize_at:
+            reinitialize_model(run.model, optimizer)
+            run.say(f"step {state.step}: autoencoder pretraining is over; the model's parameters are re-drawn (reinitialize_decoder)")
         beta, by_site = run.schedules.betas(state.step)  # python floats: no device work
         if self.has_inputs:
             batch = {**batch, **run.schedules.input_values(state.step)}
