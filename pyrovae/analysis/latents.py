@@ -1,5 +1,5 @@
 """What the latents hold: KL per dimension, mutual information I(x; z), the aggregate
-posterior's moments, and ArviZ summaries of chosen datapoints' posteriors (active units are
+posterior's moments, and summaries of chosen datapoints' posteriors (active units are
 :func:`pyrovae.analysis.active_units`)."""
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from pyro import poutine
 from pyro.poutine.enum_messenger import EnumMessenger
 from tqdm.auto import tqdm
 
-from pyrovae.analysis.posterior import PosteriorDraws, az, draw_posterior, evaluation_mode, seeded, whole_batch
+from pyrovae.analysis.arviz_compat import group, has_group
+from pyrovae.analysis.posterior import GUIDE_GROUP, PosteriorDraws, draw_posterior, evaluation_mode, seeded, whole_batch
 from pyrovae.traces import (
     DATA_PLATE,
     PARTICLE_PLATE,
@@ -62,18 +63,20 @@ def kl_per_dimension(
     return result
 
 
-def continuous_sites(idata) -> list[str]:
-    """Floating-point latent sites of ``idata.posterior`` (enumerated sites left out; none for a
-    pair without latents)."""
-    if "posterior" not in idata.groups():
+def continuous_sites(idata, name: str = GUIDE_GROUP) -> list[str]:
+    """Floating-point latent sites of the group ``name`` (enumerated sites and the weights left
+    out; none for a pair without latents)."""
+    if not has_group(idata, name):
         return []
-    enumerated = set(str(idata.posterior.attrs.get("enumerated_sites", "")).split(",")) - {""}
-    return [name for name, var in idata.posterior.data_vars.items() if var.dtype.kind == "f" and name not in enumerated]
+    draws = group(idata, name)
+    enumerated = set(str(draws.attrs.get("enumerated_sites", "")).split(",")) - {""}
+    skip = enumerated | {"log_weight", "psis_log_weight"}
+    return [site for site, var in draws.data_vars.items() if var.dtype.kind == "f" and site not in skip]
 
 
 def aggregate_posterior_moments(idata) -> dict[str, xr.Dataset]:
     """Moments of the aggregate posterior q(z) = (1/N) sum_n q(z | x_n) of each continuous site,
-    from all N x S draws pooled (the law of total variance is built in):
+    from all N x S guide draws pooled (``guide_draws``; the law of total variance is built in):
 
         mean_d = E_q(z)[z_d],   cov_{d,e} = E_q(z)[(z_d - mean_d)(z_e - mean_e)].
 
@@ -81,8 +84,9 @@ def aggregate_posterior_moments(idata) -> dict[str, xr.Dataset]:
     standard-normal prior). Each Dataset holds ``mean`` and ``std`` over the site's dims and,
     for vector sites, ``covariance`` over (dim, dim_)."""
     result = {}
+    guide_draws = group(idata, GUIDE_GROUP) if has_group(idata, GUIDE_GROUP) else None
     for name in continuous_sites(idata):
-        draws = idata.posterior[name].astype("float64")
+        draws = guide_draws[name].astype("float64")
         pooled = draws.stack(__pool__=("chain", "draw", "obs"))
         moments = {"mean": pooled.mean("__pool__"), "std": pooled.std("__pool__")}
         event = [dim for dim in draws.dims if dim not in ("chain", "draw", "obs")]
@@ -94,28 +98,29 @@ def aggregate_posterior_moments(idata) -> dict[str, xr.Dataset]:
     return result
 
 
-def latent_summary(idata, points: Sequence, psis: xr.Dataset | None = None, var_names: Sequence[str] | None = None) -> pd.DataFrame:
-    """``arviz.summary`` (mean, sd, 94% HDI) of the chosen datapoints' continuous latents under the
-    guide's draws, one row per datapoint and dimension. With ``psis`` (from
-    :func:`psis_diagnostics`) a column ``psis_mean`` adds the importance-weighted posterior mean
-    sum_s w~_s z_s, an estimate of E_p[z | x]; where it differs from ``mean`` by more than ``sd``
-    the guide's mean is off."""
+def latent_summary(idata, points: Sequence, var_names: Sequence[str] | None = None) -> pd.DataFrame:
+    """The chosen datapoints' continuous latents, one row per datapoint and dimension: ``mean``,
+    ``sd`` and the equal-tailed 94% interval (``q3%``, ``q97%``) of the PSIS-weighted posterior
+    (the ``posterior`` group, approximately p(z | x)), beside ``guide_mean`` and ``guide_sd``, the
+    guide's q(z | x). Where ``mean`` and ``guide_mean`` differ by more than ``sd`` the guide's
+    mean is off; the weighted columns are as good as the point's k-hat."""
     names = list(var_names or continuous_sites(idata))
-    selected = idata.posterior[names].sel(obs=list(points))
-    summary = az.summary(selected, kind="stats")
-    if psis is not None:
-        weights = np.exp(psis["psis_log_weight"].sel(obs=list(points)))
-        column = {}
-        for name in names:
-            weighted = (selected[name] * weights).sum(("chain", "draw"))
-            flat = weighted.stack(__row__=weighted.dims) if weighted.dims else weighted.expand_dims("__row__")
-            for index in range(flat.sizes["__row__"]):
-                item = flat.isel(__row__=index)
-                labels = ", ".join(str(item.coords[dim].item()) for dim in weighted.dims)
-                column[f"{name}[{labels}]" if labels else name] = float(item)
-        if set(column) >= set(summary.index):
-            summary["psis_mean"] = [round(column[row], 3) for row in summary.index]
-    return summary
+    weighted = group(idata, "posterior")[names].sel(obs=list(points))
+    guide = group(idata, GUIDE_GROUP)[names].sel(obs=list(points))
+    rows, index = [], []
+    for name in names:
+        var, proposal = weighted[name], guide[name]
+        event = [dim for dim in var.dims if dim not in ("chain", "draw")]
+        flat = var.stack(__row__=event).stack(__sample__=("chain", "draw")).transpose("__row__", "__sample__")
+        flat_guide = proposal.stack(__row__=event).stack(__sample__=("chain", "draw")).transpose("__row__", "__sample__")
+        values, guide_values = flat.values.astype(np.float64), flat_guide.values.astype(np.float64)
+        low, high = np.quantile(values, [0.03, 0.97], axis=1)
+        for row in range(values.shape[0]):
+            item = flat.isel(__row__=row)
+            labels = ", ".join(str(item.coords[dim].item()) for dim in event)
+            index.append(f"{name}[{labels}]")
+            rows.append((values[row].mean(), values[row].std(), low[row], high[row], guide_values[row].mean(), guide_values[row].std()))
+    return pd.DataFrame(rows, index=index, columns=["mean", "sd", "q3%", "q97%", "guide_mean", "guide_sd"]).round(3)
 
 
 def mutual_information(

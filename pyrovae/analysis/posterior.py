@@ -1,16 +1,18 @@
-"""Posterior draws of a trained pair, per datapoint, as ArviZ ``InferenceData``.
+"""Posterior draws of a trained pair, per datapoint, as ArviZ's container (``posterior.nc``).
 
-The draws are importance samples: the guide proposes, and ``sample_stats.log_weight`` holds
-the log-weights that turn expectations under q(z | x) into expectations under p(z | x)
-(:func:`pyrovae.analysis.psis_diagnostics` smooths them). Every log-density is read off the
-traces of :func:`pyrovae.traces.trace_pair` with :func:`pyrovae.traces.reported_log_prob`
-(masks honoured, beta undone), as :func:`pyrovae.analysis.importance_log_likelihood` does.
+The draws are importance samples: the guide proposes, and the log-weights
+log p(x, z) - log q(z | x) turn expectations under q(z | x) into expectations under p(z | x).
+:func:`to_inference_data` keeps both posteriors, named as what they are: ``posterior`` (the
+PSIS-weighted resample, approximately p(z | x)) and ``guide_draws`` (the raw q(z | x) draws with
+their weights). Every log-density is read off the traces of :func:`pyrovae.traces.trace_pair`
+with :func:`pyrovae.traces.reported_log_prob` (masks honoured, beta undone), as
+:func:`pyrovae.analysis.importance_log_likelihood` does.
 """
 
 from __future__ import annotations
 
 import contextlib
-import warnings
+import math
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -18,6 +20,7 @@ import numpy as np
 import torch
 from pyro.distributions import Independent, MaskedDistribution, Normal
 from pyro.distributions.torch_distribution import ExpandedDistribution
+from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 from tqdm.auto import tqdm
 
@@ -39,9 +42,8 @@ from pyrovae.traces import (
     trace_pair,
 )
 
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", FutureWarning)  # ArviZ 0.x announces its 1.0 refactor on import
-    import arviz as az
+from pyrovae.analysis.arviz_compat import az, dataset, inference_data  # noqa: F401 (az: for the modules that import it from here)
+from pyrovae.analysis.diagnostics import importance_weights
 
 
 def part_name(part) -> str:
@@ -377,6 +379,78 @@ def _factor_log_prob(site) -> tuple[torch.Tensor, int] | None:
     return scale_and_mask(log_prob, scale, mask), factors
 
 
+# The groups of posterior.nc that ArviZ's schema does not name.
+GUIDE_GROUP = "guide_draws"
+GUIDE_LIKELIHOOD_GROUP = "guide_log_likelihood"
+# Posterior predictive draws stored per test point: at most this many values in all (at least one draw).
+PREDICTIVE_VALUES = 4_000_000
+PREDICTIVE_DRAWS = 20
+NOT_FOR_LOO = (
+    "posterior.nc has no log_likelihood group on purpose: every test point has its own latent draws and the "
+    "decoder's parameters are point estimates, so az.loo / az.waic / az.compare of per-draw log p(x | z) mean "
+    "nothing. log p(x_n) per point is sample_stats.log_marginal_likelihood; compare runs with `pyrovae compare "
+    "RUN_A RUN_B` or az.compare({name: pyrovae.analysis.elpd_data(idata)})."
+)
+
+
+def systematic_resample(log_weight: np.ndarray, generator: np.random.Generator) -> np.ndarray:
+    """Indices (N, S) into each row's S draws, drawn with probabilities exp(``log_weight``)
+    (rows normalized to sum to 1) by systematic resampling: u_s = (u + s) / S with one
+    u ~ U(0, 1) per row, index_s = min{i: sum_{j <= i} w_j > u_s}. Each draw i is kept
+    floor(S w_i) or ceil(S w_i) times, so the resample's averages are unbiased for the weighted
+    averages with less noise than multinomial resampling."""
+    weight = np.exp(log_weight - log_weight.max(axis=1, keepdims=True))
+    cumulative = np.cumsum(weight / weight.sum(axis=1, keepdims=True), axis=1)
+    rows, samples = weight.shape
+    positions = (generator.uniform(size=(rows, 1)) + np.arange(samples)) / samples
+    index = np.empty((rows, samples), dtype=np.int64)
+    for row in range(rows):
+        index[row] = np.searchsorted(cumulative[row], positions[row], side="right")
+    return np.minimum(index, samples - 1)
+
+
+def predictive_draws(
+    model, values: Mapping[str, torch.Tensor] | None, tensors, extra, draws: int, batch_size: int = 100
+) -> np.ndarray | None:
+    """x_rep ~ p(x | z) at the model's observed site for every test row, ``draws`` times: with z
+    the given ``values`` (site -> (draws, N, *event), e.g. posterior draws) or, with
+    ``values=None``, from the prior. Shape (draws, N, *x's row shape); None when the observed
+    site's draws do not have x's shape (the model observes something else) or a site cannot be
+    conditioned on (a plate beside the data plate)."""
+    site = getattr(model, "observed_site", "x")
+    count = int(tensors["x"].shape[0])
+    out = []
+    with torch.no_grad(), evaluation_mode(model):
+        for draw in range(draws):
+            parts = []
+            for start in range(0, count, batch_size):
+                batch = {**{k: v[start : start + batch_size] for k, v in tensors.items()}, **extra}
+                run = model
+                if values is not None:
+                    chosen = {name: value[draw, start : start + batch_size] for name, value in values.items()}
+                    run = poutine.condition(model, data=chosen)
+                try:
+                    trace = poutine.trace(run).get_trace(**batch)
+                    sample = trace.nodes[site]["fn"].sample()
+                except (ValueError, RuntimeError, KeyError):
+                    return None
+                if sample.shape != batch["x"].shape:
+                    return None
+                parts.append(sample.cpu())
+            out.append(torch.cat(parts))
+    return torch.stack(out).numpy()
+
+
+def _predictive_dtype(observed: np.ndarray, draws: np.ndarray) -> np.ndarray:
+    """Integer-valued draws of integer or 0/1 data are stored as small integers (they compress well)."""
+    if np.all(np.mod(draws, 1) == 0) and (observed.dtype.kind in "iub" or np.all(np.mod(observed, 1) == 0)):
+        low, high = draws.min(initial=0), draws.max(initial=0)
+        for dtype in (np.int8, np.int16, np.int32):
+            if np.iinfo(dtype).min <= low and high <= np.iinfo(dtype).max:
+                return draws.astype(dtype)
+    return draws.astype(np.float32)
+
+
 def to_inference_data(
     model,
     guide,
@@ -391,23 +465,39 @@ def to_inference_data(
     progress: bool = False,
     attrs: Mapping[str, object] | None = None,
     draws: PosteriorDraws | None = None,
-) -> az.InferenceData:
-    """The posterior of every datapoint of ``data`` as ``arviz.InferenceData``.
+    predictive: bool = True,
+):
+    """The posterior of every datapoint of ``data`` as ArviZ's container (``InferenceData`` under
+    ArviZ 0.x, ``xarray.DataTree`` under 1.x; read groups with
+    :func:`pyrovae.analysis.arviz_compat.group`). Values are stored as float32.
 
-    Groups (dims in brackets; draws are one ``chain`` of S = ``num_samples`` importance samples
-    from the guide, see :func:`draw_posterior` for the math):
+    Groups (dims in brackets; S = ``num_samples`` importance samples per datapoint from the guide,
+    one ``chain``; see :func:`draw_posterior` for the math):
 
-    - ``posterior``: each latent site [chain, draw, obs, <site>_dim ...]; enumerated sites hold
-      values drawn from their exact conditional posterior;
-    - ``log_likelihood``: log p(x | z) per datapoint for each observed site [chain, draw, obs];
-    - ``sample_stats``: ``log_weight`` = log p(x, z) - log q(z | x) [chain, draw, obs];
-    - ``observed_data``: ``x`` [obs, x_dim ...]; ``constant_data``: the batch's other tensors
-      (``y``, ``y_mask``, ``mask``, ``lengths`` ...).
+    - ``posterior``: the PSIS-weighted posterior, an approximation of p(z | x): S draws per
+      datapoint resampled (systematically) from the guide's draws with their Pareto-smoothed
+      weights [chain, draw, obs, <site>_dim ...]. It is as good as ``sample_stats.pareto_k``
+      says, and holds about ``sample_stats.importance_ess`` distinct draws.
+    - ``guide_draws``: the guide's raw draws z_s ~ q(z | x) (enumerated sites from their exact
+      conditional posterior), ``log_weight`` = log p(x, z_s) - log q(z_s | x) and
+      ``psis_log_weight``, the smoothed log-weights normalized per datapoint [chain, draw, obs].
+    - ``guide_log_likelihood``: log p(x_site | z_s) at the guide's draws, per observed site
+      [chain, draw, obs]; a site no datapoint observes (a label masked on every row) is left out
+      and named in the group's ``attrs["sites_without_observations"]``.
+    - ``sample_stats`` [obs]: ``log_marginal_likelihood`` = log (1/S) sum_s w_s (the importance
+      estimate of log p(x_n)), ``psis_log_marginal_likelihood``, ``pareto_k`` and
+      ``importance_ess`` = (sum_s w_s)^2 / sum_s w_s^2 (Kish's effective sample size of the weights).
+    - ``posterior_predictive`` / ``prior_predictive``: x_rep ~ p(x | z), z from ``posterior`` /
+      from the prior, a few draws [chain, draw, obs, x_dim ...] (with ``predictive``).
+    - ``observed_data``: ``x``; ``constant_data``: the batch's other tensors.
 
-    ``obs`` is ``obs_index`` (default 0..N-1, the rows' positions in ``data``); integer labels
-    ``y`` become the coordinate ``label`` along ``obs`` in every group. ``attrs`` (model, guide,
-    objective, run folder ...) are stored in every group beside the sample count, the seed and
-    the scheduled inputs. Tensors may live on any device; the result is on the CPU.
+    There is no ``log_likelihood`` group, so ``az.loo``, ``az.waic`` and ``az.compare`` refuse the
+    file (the per-draw log-likelihoods of per-datapoint draws give meaningless numbers; see
+    ``NOT_FOR_LOO``): :func:`pyrovae.analysis.elpd_data` gives ArviZ's comparison object.
+
+    ``obs`` is ``obs_index`` (default 0..N-1); integer labels ``y`` become the coordinate
+    ``label`` along ``obs`` in every group. ``attrs`` are stored in every group beside the sample
+    count, the seed and the scheduled inputs. Tensors may live on any device.
     """
     tensors, extra = whole_batch(data, inputs)
     if draws is None:
@@ -418,12 +508,12 @@ def to_inference_data(
     obs = np.arange(count) if obs_index is None else np.asarray(obs_index)
     if obs.shape != (count,):
         raise ValueError(f"obs_index has shape {obs.shape}, expected ({count},)")
+    samples = draws.num_samples
     group_attrs = {
         "model": part_name(model),
         "guide": part_name(guide),
         "inference_library": "pyro",
-        "num_samples": draws.num_samples,
-        "draws": "importance samples from the guide q(z | x); enumerated sites from their exact conditional posterior",
+        "num_samples": samples,
         **({"seed": int(seed)} if seed is not None else {}),
         **{f"input_{key}": float(value) for key, value in extra.items()},
         **{key: _attr(value) for key, value in dict(attrs or {}).items()},
@@ -433,21 +523,63 @@ def to_inference_data(
     coords: dict[str, np.ndarray] = {"obs": obs}
     dims: dict[str, list[str]] = {}
 
-    def add(name: str, tensor: torch.Tensor, leading: int, names=None) -> np.ndarray:
-        array = tensor.detach().cpu().numpy()
-        trailing = array.shape[leading:]
-        names = list(names) if names is not None else list(event_dim_names(name, trailing))
-        for dim, size in zip(names, trailing):
+    def add(name: str, array: np.ndarray, names) -> np.ndarray:
+        for dim, size in zip(names, array.shape[3:]):
             coords.setdefault(dim, np.arange(size))
         dims[name] = ["obs", *names]
         return array
 
-    posterior = {name: add(name, value.unsqueeze(0), 3, draws.dims[name]) for name, value in draws.values.items()}
-    groups = {"posterior": _dataset(posterior, coords, dims, group_attrs)}
-    log_likelihood = {name: value.unsqueeze(0).numpy() for name, value in draws.log_likelihood.items()}
-    dims_ll = {name: ["obs"] for name in log_likelihood}
-    groups["log_likelihood"] = _dataset(log_likelihood, coords, dims_ll, group_attrs)
-    groups["sample_stats"] = _dataset({"log_weight": draws.log_weight.unsqueeze(0).numpy()}, coords, {"log_weight": ["obs"]}, group_attrs)
+    weights = importance_weights(draws.log_weight.double().numpy().T)  # rows: datapoints
+    generator = np.random.default_rng(None if seed is None else seed + 1)
+    index = systematic_resample(weights["psis_log_weight"], generator)  # (N, S)
+    raw = {name: _stored(value.unsqueeze(0).numpy()) for name, value in draws.values.items()}
+    resampled = {name: np.take_along_axis(array, index.T.reshape((1, samples, count) + (1,) * (array.ndim - 3)), axis=1) for name, array in raw.items()}
+    about = {
+        "posterior": "PSIS-weighted posterior, approximately p(z | x): the guide's draws resampled with their Pareto-smoothed importance weights",
+        GUIDE_GROUP: "raw draws z ~ q(z | x) of the guide (the importance proposal), with their log-weights log p(x, z) - log q(z | x)",
+    }
+    groups = {}
+    if raw:
+        posterior = {name: add(name, array, draws.dims[name]) for name, array in resampled.items()}
+        groups["posterior"] = _dataset(posterior, coords, dims, {**group_attrs, "draws": about["posterior"], "comparison": NOT_FOR_LOO})
+    guide_vars = {name: add(name, array, draws.dims[name]) for name, array in raw.items()}
+    guide_vars["log_weight"] = draws.log_weight.unsqueeze(0).numpy().astype(np.float32)
+    guide_vars["psis_log_weight"] = weights["psis_log_weight"].T[None].astype(np.float32)
+    dims["log_weight"] = dims["psis_log_weight"] = ["obs"]
+    groups[GUIDE_GROUP] = _dataset(guide_vars, coords, dims, {**group_attrs, "draws": about[GUIDE_GROUP]})
+    likelihoods, missing = {}, []
+    for name, value in draws.log_likelihood.items():
+        array = value.unsqueeze(0).numpy()
+        if not np.any(array):  # masked on every row: the site observes nothing here
+            missing.append(name)
+            continue
+        likelihoods[name] = array.astype(np.float32)
+        dims[name] = ["obs"]
+    groups[GUIDE_LIKELIHOOD_GROUP] = _dataset(
+        likelihoods,
+        coords,
+        dims,
+        {
+            **group_attrs,
+            "meaning": "log p(x_site | z) at the guide's draws of each point; not a log_likelihood group for az.loo",
+            "sites_without_observations": ",".join(missing),
+            "comparison": NOT_FOR_LOO,
+        },
+    )
+    stats = {
+        "log_marginal_likelihood": weights["is_log_likelihood"],
+        "psis_log_marginal_likelihood": weights["psis_log_likelihood"],
+        "pareto_k": weights["pareto_k"],
+        "importance_ess": weights["importance_ess"],
+    }
+    stats_dims = {name: ["obs"] for name in stats}
+    groups["sample_stats"] = _dataset(
+        {name: value.astype(np.float32) for name, value in stats.items()},
+        coords,
+        stats_dims,
+        {**group_attrs, "meaning": "per test point: the importance weights' log p(x), Pareto k-hat and Kish ESS", "comparison": NOT_FOR_LOO},
+        sampled=False,
+    )
     observed, constant = {}, {}
     observed_dims = {}
     for key, value in tensors.items():
@@ -460,11 +592,45 @@ def to_inference_data(
     groups["observed_data"] = _dataset(observed, coords, observed_dims, group_attrs, sampled=False)
     if constant:
         groups["constant_data"] = _dataset(constant, coords, observed_dims, group_attrs, sampled=False)
+    if predictive:
+        groups.update(_predictive_groups(model, draws, index, tensors, extra, observed_dims["x"], coords, group_attrs, batch_size, seed))
     labels = tensors.get("y")
     if labels is not None and labels.dim() == 1 and not labels.is_floating_point():
         label_values = labels.detach().cpu().numpy()
         groups = {name: dataset.assign_coords(label=("obs", label_values)) for name, dataset in groups.items()}
-    return az.InferenceData(**groups)
+    return inference_data(groups, attrs={"comparison": NOT_FOR_LOO})
+
+
+def _predictive_groups(model, draws, index, tensors, extra, x_dims, coords, attrs, batch_size, seed) -> dict:
+    """``posterior_predictive`` (z from the resampled posterior) and ``prior_predictive``: as many
+    draws as fit in ``PREDICTIVE_VALUES`` values (1 to ``PREDICTIVE_DRAWS``)."""
+    observed = tensors["x"].detach().cpu().numpy()
+    count = draws.log_weight.shape[1]
+    repeats = int(min(PREDICTIVE_DRAWS, draws.num_samples, max(1, PREDICTIVE_VALUES // max(1, observed.size))))
+    device = tensors["x"].device
+    chosen = index[:, :repeats].T  # (repeats, N): resampled draws, in order
+    values = {}
+    for name, value in draws.values.items():
+        picked = value[torch.as_tensor(chosen), torch.arange(count)]  # (repeats, N, *dims)
+        if name in draws.hidden:
+            picked = picked.clamp(min=0)  # hidden by a mask: the model does not use the value
+        values[name] = picked.to(device)
+    if any(len(draws.dims[name]) != value.dim() - 2 or any(not d.startswith(f"{name}_dim") for d in draws.dims[name]) for name, value in values.items()):
+        return {}  # a plate beside the data plate: its draws are not laid out as the model takes them
+    groups = {}
+    with seeded(None if seed is None else seed + 2):
+        for name, given in (("posterior_predictive", values), ("prior_predictive", None)):
+            replicated = predictive_draws(model, given, tensors, extra, repeats, batch_size)
+            if replicated is None:
+                return {}
+            meaning = "x ~ p(x | z), z from the posterior group" if given is not None else "x ~ p(x), z from the prior"
+            groups[name] = _dataset({"x": _predictive_dtype(observed, replicated)[None]}, coords, {"x": x_dims}, {**attrs, "draws": meaning})
+    return groups
+
+
+def _stored(array: np.ndarray) -> np.ndarray:
+    """float32 for real values; integers as they are."""
+    return array.astype(np.float32) if array.dtype.kind == "f" else array
 
 
 def _attr(value):
@@ -476,12 +642,63 @@ def _attr(value):
 
 
 def _dataset(variables, coords, dims, attrs, sampled: bool = True):
-    used = {dim for name in variables for dim in dims.get(name, [])}
-    return az.dict_to_dataset(
-        variables,
-        attrs=dict(attrs),
-        library=None,
-        coords={dim: values for dim, values in coords.items() if dim in used},
-        dims={name: dims[name] for name in variables},
-        default_dims=None if sampled else [],
-    )
+    return dataset(variables, coords, dims, attrs, sampled=sampled)
+
+
+def _available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (Linux), else None (not checked)."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_footprint(model, guide, tensors, extra, samples: int, out_dir, batch_size: int = 100) -> dict:
+    """Estimate, before drawing, the peak memory and the size of ``posterior.nc`` for ``samples``
+    draws of each of the N rows of ``tensors``, from one draw of two rows (L latent values and
+    O observed sites per row): the draws in torch (float32, concatenated: twice), their float32
+    copies in the two posterior groups and the float64 work arrays of PSIS,
+
+        memory ~= S N [8 (L + O + 1) + 4 (2 L + O + 2) + 48] bytes,
+        file   <= S N 4 (2 L + O + 2) bytes + the predictive draws and the data (before compression).
+
+    Raises :class:`~pyrovae.errors.ConfigError` (one line) when the memory exceeds what the machine
+    has available or the file exceeds the free disk space of ``out_dir``. Returns the estimates."""
+    import shutil
+
+    from pyrovae.errors import ConfigError
+
+    count = int(tensors["x"].shape[0])
+    probe = draw_posterior(model, guide, {k: v[: min(2, count)] for k, v in tensors.items()}, 1, inputs=extra, batch_size=batch_size, seed=0)
+    rows = int(probe.log_weight.shape[1])
+    latent = sum(int(value[0].numel()) // rows for value in probe.values.values())
+    observed = len(probe.log_likelihood)
+    draws = float(samples) * count
+    data_bytes = sum(int(value.element_size() * value.numel()) for value in tensors.values())
+    predictive = 2 * 4 * min(PREDICTIVE_VALUES, max(tensors["x"].numel(), 1) * PREDICTIVE_DRAWS)
+    memory = draws * (8 * (latent + observed + 1) + 4 * (2 * latent + observed + 2) + 48) + data_bytes + predictive
+    file = draws * 4 * (2 * latent + observed + 2) + data_bytes + predictive
+    available = _available_memory()
+    free = shutil.disk_usage(out_dir).free
+    affordable = int(samples * min(1.0, (available or math.inf) / memory, free / file))
+
+    def size(value: float) -> str:
+        for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+            if value >= scale:
+                return f"{value / scale:.1f} {unit}"
+        return f"{value / 1e3:.0f} kB"
+
+    if available is not None and memory > available:
+        raise ConfigError(
+            f"--samples {samples}: {count} test points would need about {size(memory)} of memory ({size(available)} available) "
+            f"and write about {size(file)}; use at most --samples {max(affordable, 1)} or fewer --test-examples"
+        )
+    if file > free:
+        raise ConfigError(
+            f"--samples {samples}: posterior.nc would take about {size(file)} ({size(free)} free in {out_dir}); "
+            f"use at most --samples {max(affordable, 1)} or fewer --test-examples"
+        )
+    return {"memory": int(memory), "file": int(file), "available_memory": available, "free_disk": int(free)}

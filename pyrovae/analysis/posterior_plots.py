@@ -1,34 +1,27 @@
 """Pictures of the posterior: latent traversals, a 2-D map of the latents coloured by label, KL
-per dimension, the guide's Pareto k-hat, and ArviZ forest and posterior plots of chosen
-datapoints. Every function writes one PNG (matplotlib, Agg) and returns its path."""
+per dimension, the guide's Pareto k-hat, and forest and posterior plots of chosen datapoints
+(the PSIS-weighted posterior beside the guide's q(z | x); categorical sites as probabilities per
+class). Every function writes one PNG (matplotlib, Agg) and returns its path; none depends on
+the ArviZ release line."""
 
 from __future__ import annotations
 
-import contextlib
-import warnings
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 import xarray as xr
+from matplotlib.ticker import MaxNLocator
 from pyro import poutine
 from torch.distributions import constraints
 
 from pyrovae.analysis.diagnostics import PARETO_K_BAD, PARETO_K_GOOD
 from pyrovae.analysis.latents import continuous_sites
 from pyrovae.analysis.plots import evaluation_mode, decoded_value, plt
-from pyrovae.analysis.posterior import az, whole_batch
+from pyrovae.analysis.arviz_compat import group, has_group
+from pyrovae.analysis.posterior import GUIDE_GROUP, whole_batch
 from pyrovae.traces import latent_sites
-
-
-@contextlib.contextmanager
-def _quiet():
-    """ArviZ 0.x's deprecation notices (arrays for plot_khat, matplotlib's normalize_kwargs)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        yield
 
 
 def _save(figure, path) -> Path:
@@ -45,17 +38,18 @@ def _is_real(support) -> bool:
 
 
 def _enumerated(idata) -> set[str]:
-    if "posterior" not in idata.groups():
+    if not has_group(idata, GUIDE_GROUP):
         return set()
-    return set(str(idata.posterior.attrs.get("enumerated_sites", "")).split(",")) - {""}
+    return set(str(group(idata, GUIDE_GROUP).attrs.get("enumerated_sites", "")).split(",")) - {""}
 
 
 def ranked_dimensions(idata, ranking: Mapping[str, xr.DataArray] | None, sites: Sequence[str], limit: int) -> list[tuple[str, dict]]:
     """The ``limit`` (site, {dim: index}) pairs with the largest ``ranking`` value (e.g. activity
     or KL per dimension), over the given sites; in order of the sites' dims without a ranking."""
     candidates = []
+    draws = group(idata, GUIDE_GROUP)
     for name in sites:
-        var = idata.posterior[name]
+        var = draws[name]
         event = [dim for dim in var.dims if dim not in ("chain", "draw", "obs")]
         shape = [var.sizes[dim] for dim in event]
         score = ranking.get(name) if ranking else None
@@ -93,7 +87,8 @@ def latent_traversals(
     if not continuous_sites(idata):
         return None
     tensors, extra = whole_batch(data, inputs)
-    position = int(np.flatnonzero(idata.posterior.coords["obs"].values == point)[0])
+    guide_draws = group(idata, GUIDE_GROUP)
+    position = int(np.flatnonzero(guide_draws.coords["obs"].values == point)[0])
     row = {key: value[position : position + 1] for key, value in tensors.items()}
     with torch.no_grad(), evaluation_mode(model):
         trace = poutine.trace(model).get_trace(**row, **extra)
@@ -103,7 +98,7 @@ def latent_traversals(
     if not movable:
         return None
     fixed = {}
-    posterior = idata.posterior.sel(obs=point)
+    posterior = group(idata, "posterior").sel(obs=point)  # the PSIS-weighted posterior of the point
     enumerated = _enumerated(idata)
     for name, var in posterior.data_vars.items():
         draws = var.stack(__sample__=("chain", "draw")).transpose("__sample__", ...).values
@@ -122,7 +117,7 @@ def latent_traversals(
         dtype = torch.get_default_dtype() if value.dtype.kind == "f" else torch.long
         fixed[name] = torch.as_tensor(value, device=device, dtype=dtype)
     chosen = ranked_dimensions(idata, ranking, movable, max_dims)
-    spread = {name: idata.posterior[name].std(("chain", "draw", "obs")) for name in movable}
+    spread = {name: guide_draws[name].std(("chain", "draw", "obs")) for name in movable}
     offsets = torch.linspace(-3.0, 3.0, steps)
     total = len(chosen) * steps
     values = {name: value.expand((total,) + tuple(value.shape)).clone() for name, value in fixed.items()}
@@ -180,8 +175,9 @@ def latent_scatter(idata, path: str | Path) -> Path | None:
     if not sites:
         return None
     columns = []
+    guide_draws = group(idata, GUIDE_GROUP)
     for name in sites:
-        means = idata.posterior[name].mean(("chain", "draw"))
+        means = guide_draws[name].mean(("chain", "draw"))
         columns.append(means.values.reshape(means.sizes["obs"], -1))
     points = np.concatenate(columns, 1)
     if points.shape[1] > 2:
@@ -197,8 +193,8 @@ def latent_scatter(idata, path: str | Path) -> Path | None:
         points = np.concatenate([points, np.zeros_like(points)], 1)
         labels, title = ["dim 0", ""], "posterior means"
     figure, axis = plt.subplots(figsize=(5.5, 4.5))
-    if "label" in idata.posterior.coords:
-        classes = idata.posterior.coords["label"].values
+    if "label" in guide_draws.coords:
+        classes = guide_draws.coords["label"].values
         if len(np.unique(classes)) <= 20:
             for value in np.unique(classes):
                 chosen = classes == value
@@ -232,68 +228,125 @@ def kl_bars(kl: Mapping[str, xr.DataArray], path: str | Path) -> Path | None:
 
 
 def pareto_k_plot(psis: xr.Dataset, path: str | Path) -> Path:
-    """The guide's Pareto k-hat per test point (``arviz.plot_khat``) and their histogram, with the
-    0.5 and 0.7 thresholds of Yao et al. 2018."""
+    """The guide's Pareto k-hat per test point and their histogram, with the 0.5 and 0.7
+    thresholds of Yao et al. 2018, and Kish's ESS of the weights per point."""
     k = psis["pareto_k"].values
     finite = k[np.isfinite(k)]
     exact = int(np.sum(np.isneginf(k)))
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 3.5))
+    figure, (left, middle, right) = plt.subplots(1, 3, figsize=(14, 3.5))
     shown = np.where(np.isneginf(k), np.nan, k)
-    with _quiet():
-        az.plot_khat(shown, ax=left, show_hlines=True, markersize=6)
-    left.set_title("Pareto k-hat per test point", fontsize=9)
-    right.hist(finite, bins=30, color="C0")
+    left.scatter(np.arange(k.size), shown, s=6, c=np.where(shown > PARETO_K_BAD, "C3", np.where(shown > PARETO_K_GOOD, "C1", "C0")))
     for line, style in ((PARETO_K_GOOD, ":"), (PARETO_K_BAD, "--")):
-        right.axvline(line, color="k", linestyle=style, label=f"k = {line}")
-    right.legend(fontsize=8)
+        left.axhline(line, color="k", linestyle=style, linewidth=0.8)
+        middle.axvline(line, color="k", linestyle=style, label=f"k = {line}")
+    left.set_xlabel("test point")
+    left.set_ylabel("k-hat")
+    left.set_title("Pareto k-hat per test point", fontsize=9)
+    middle.hist(finite, bins=30, color="C0")
+    middle.legend(fontsize=8)
     share = psis.attrs["share_above_threshold"]
     note = f"; {exact} with equal weights (exact)" if exact else ""
-    right.set_title(f"k-hat > {psis.attrs['threshold']}: {share:.1%} of {k.size} points{note}", fontsize=9)
-    right.set_xlabel("k-hat")
-    right.set_ylabel("test points")
-    figure.tight_layout()
+    middle.set_title(f"k-hat > {psis.attrs['threshold']}: {share:.1%} of {k.size} points{note}", fontsize=9)
+    middle.set_xlabel("k-hat")
+    middle.set_ylabel("test points")
+    if "importance_ess" in psis:
+        ess = psis["importance_ess"].values
+        right.hist(ess, bins=np.logspace(0, np.log10(max(2.0, psis.attrs["num_samples"])), 30), color="C2")
+        right.set_xscale("log")
+        right.set_title(f"Kish ESS of the weights: median {np.median(ess):.1f} of {psis.attrs['num_samples']}", fontsize=9)
+        right.set_xlabel("effective samples (log scale)")
+    figure.subplots_adjust(wspace=0.3)
     return _save(figure, path)
 
 
-def _selection(idata, points, ranking, max_dims, with_enumerated) -> xr.Dataset:
-    sites = continuous_sites(idata)
-    chosen = ranked_dimensions(idata, ranking, sites, max_dims)
-    variables = {}
-    for name in sites:
-        indices = [selection for site, selection in chosen if site == name]
-        if not indices:
-            continue
-        var = idata.posterior[name].sel(obs=list(points))
-        for dim in indices[0]:
-            var = var.isel({dim: sorted({selection[dim] for selection in indices})})
-        variables[name] = var
-    if with_enumerated:
-        for name in sorted(_enumerated(idata)):
-            variables[name] = idata.posterior[name].sel(obs=list(points))
-    return xr.Dataset(variables)
+def _chosen_dimensions(idata, ranking, max_dims) -> list[tuple[str, dict]]:
+    return ranked_dimensions(idata, ranking, continuous_sites(idata), max_dims)
+
+
+def _label(name: str, selection: dict) -> str:
+    return f"{name}[{', '.join(str(i) for i in selection.values())}]" if selection else name
 
 
 def forest_plot(idata, points: Sequence[int], path: str | Path, ranking=None, max_dims: int = 8) -> Path | None:
-    """``arviz.plot_forest`` of the chosen datapoints' continuous latents (the ``max_dims``
-    dimensions with the largest ``ranking``): the guide draws' mean and 94% HDI per dimension."""
-    selected = _selection(idata, points, ranking, max_dims, with_enumerated=False)
-    if not selected.data_vars:
+    """Mean and 94% interval of the chosen datapoints' continuous latents (the ``max_dims``
+    dimensions with the largest ``ranking``): the guide's q(z | x) beside the PSIS-weighted
+    posterior (approximately p(z | x)), one row per point and dimension."""
+    chosen = _chosen_dimensions(idata, ranking, max_dims)
+    if not chosen:
         return None
-    with _quiet():
-        axes = az.plot_forest(selected, combined=True, textsize=8)
-    figure = np.ravel(axes)[0].figure
-    figure.suptitle(f"q(z | x) of test points {', '.join(str(p) for p in points)}: mean and 94% HDI", fontsize=9)
+    guide_draws, weighted = group(idata, GUIDE_GROUP), group(idata, "posterior")
+    rows = [(point, name, selection) for point in points for name, selection in chosen]
+    figure, axis = plt.subplots(figsize=(6.5, 0.9 + 0.28 * len(rows)))
+    for offset, (source, colour, title) in enumerate(((guide_draws, "C0", "guide q(z | x)"), (weighted, "C3", "PSIS-weighted posterior"))):
+        for row, (point, name, selection) in enumerate(rows):
+            values = source[name].sel(obs=point, **selection).values.reshape(-1).astype(np.float64)
+            low, mid, high = np.quantile(values, [0.03, 0.5, 0.97])
+            y = row + (offset - 0.5) * 0.3
+            axis.plot([low, high], [y, y], color=colour, linewidth=1.5, label=title if row == 0 else None)
+            axis.plot([values.mean()], [y], "o", color=colour, markersize=3)
+    axis.set_yticks(range(len(rows)), [f"point {point}: {_label(name, selection)}" for point, name, selection in rows], fontsize=7)
+    axis.invert_yaxis()
+    axis.legend(fontsize=7, loc="best")
+    axis.set_xlabel("latent value (mean and 94% interval)")
+    axis.set_title(f"test points {', '.join(str(p) for p in points)}: q(z | x) and the PSIS-weighted posterior", fontsize=9)
     return _save(figure, path)
 
 
-def posterior_plot(idata, points: Sequence[int], path: str | Path, ranking=None, max_dims: int = 3) -> Path | None:
-    """``arviz.plot_posterior`` of the chosen datapoints: the ``max_dims`` continuous dimensions
-    with the largest ``ranking``, and enumerated sites (their draws from the exact conditional
-    posterior)."""
-    selected = _selection(idata, points, ranking, max_dims, with_enumerated=True)
-    if not selected.data_vars:
+def posterior_plot(idata, points: Sequence[int], path: str | Path, ranking=None, max_dims: int = 3, psis=None) -> Path | None:
+    """One row per chosen datapoint: the PSIS-weighted posterior (approximately p(z | x)) of the
+    ``max_dims`` continuous dimensions with the largest ``ranking`` as histograms, the guide's
+    q(z | x) drawn as a line over them, and every enumerated site as P(class | x) per class
+    (its draws weighted by the PSIS weights ``psis["psis_log_weight"]``, or counted in the
+    resampled posterior without ``psis``). Each panel's title names the point, the site, the
+    weighted mean and the point's k-hat."""
+    chosen = _chosen_dimensions(idata, ranking, max_dims)
+    categorical = sorted(_enumerated(idata))
+    if not chosen and not categorical:
         return None
-    with _quiet():
-        axes = az.plot_posterior(selected, textsize=8)
-    figure = np.ravel(axes)[0].figure
+    guide_draws, weighted = group(idata, GUIDE_GROUP), group(idata, "posterior")
+    columns = len(chosen) + len(categorical)
+    figure, axes = plt.subplots(len(points), columns, figsize=(3.2 * columns, 2.5 * len(points)), squeeze=False)
+    for r, point in enumerate(points):
+        k = float(psis["pareto_k"].sel(obs=point)) if psis is not None else None
+        note = f", k-hat {k:.2f}" if k is not None and np.isfinite(k) else ""
+        for c, (name, selection) in enumerate(chosen):
+            axis = axes[r, c]
+            values = weighted[name].sel(obs=point, **selection).values.reshape(-1).astype(np.float64)
+            proposal = guide_draws[name].sel(obs=point, **selection).values.reshape(-1).astype(np.float64)
+            bins = np.histogram_bin_edges(np.concatenate([values, proposal]), bins=30)
+            axis.hist(values, bins=bins, density=True, color="C3", alpha=0.6, label="PSIS-weighted")
+            counts, edges = np.histogram(proposal, bins=bins, density=True)
+            axis.step(edges[:-1], counts, where="post", color="C0", label="guide q(z | x)")
+            axis.set_title(f"point {point}: {_label(name, selection)}\nweighted mean {values.mean():.2f}{note}", fontsize=8)
+            axis.set_yticks([])
+            axis.xaxis.set_major_locator(MaxNLocator(4))
+            axis.tick_params(labelsize=7)
+            if r == 0 and c == 0:
+                axis.legend(fontsize=6)
+        for c, name in enumerate(categorical, start=len(chosen)):
+            axis = axes[r, c]
+            draws = guide_draws[name].sel(obs=point).values.reshape(-1)
+            if psis is not None:
+                weights = np.exp(psis["psis_log_weight"].sel(obs=point).values.reshape(-1))
+            else:
+                draws = weighted[name].sel(obs=point).values.reshape(-1)
+                weights = np.full(draws.shape, 1.0 / draws.size)
+            if (draws < 0).all():
+                axis.text(0.5, 0.5, "hidden by a mask\n(the label is observed)", ha="center", va="center", fontsize=8)
+                axis.set_axis_off()
+                axis.set_title(f"point {point}: {name}", fontsize=8)
+                continue
+            classes = np.arange(int(guide_draws[name].max()) + 1)
+            probabilities = np.array([weights[draws == value].sum() for value in classes])
+            probabilities = probabilities / probabilities.sum()
+            axis.bar(classes, probabilities, color="C3")
+            axis.set_xticks(classes)
+            axis.set_ylim(0, 1)
+            best = int(probabilities.argmax())
+            axis.set_title(f"point {point}: P({name} | x)\nmost probable {best} ({probabilities[best]:.3f}){note}", fontsize=8)
+            axis.set_xlabel("class", fontsize=7)
+            axis.set_yticks([0, 0.5, 1])
+            axis.tick_params(labelsize=7)
+    figure.suptitle("PSIS-weighted posterior p(z | x) of the chosen test points (line: the guide's q(z | x))", fontsize=9)
+    figure.subplots_adjust(hspace=0.75, wspace=0.25, top=1 - 0.45 / len(points))
     return _save(figure, path)
