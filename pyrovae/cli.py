@@ -137,6 +137,17 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--device", help=device_help)
     analyze.add_argument("--no-progress", action="store_true")
 
+    compare_help = (
+        "compare analysed runs on the same test points: per run the summed and mean importance-sampled log p(x) with "
+        "standard errors, paired differences to the best run with their standard errors, the share of points with "
+        "k-hat > 0.7; written to OUT/compare.md, compare.csv and compare.png (ArviZ's compare and plot_compare). "
+        "Each run needs `pyrovae analyze RUN` first"
+    )
+    compare = commands.add_parser("compare", help=compare_help, description=compare_help)
+    compare.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    compare.add_argument("--out", default="compare", help="folder for compare.md, compare.csv, compare.png (default: ./compare)")
+    compare.set_defaults(set=[], device=None)  # reads files only: no settings, no device
+
     units_help = (
         "print the active units of every latent site (Burda et al. 2016: dims whose posterior mean E_q[z_d | x] "
         "varies over the test rows by more than --threshold) as JSON; exit code 1 if a variance is not finite"
@@ -225,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
             metrics = experiment.test_metrics(particles=args.particles, progress=not args.no_progress)
             metrics["checkpoint"] = which
             print(json.dumps(metrics, indent=2))
+            for line in experiment.evaluation_warnings(metrics):
+                print(f"pyrovae evaluate: {line}", file=sys.stderr)
         elif args.command == "sample":
             experiment = Experiment.from_run(args.run_dir, overrides, command="sample")
             experiment.load_parameters(args.run_dir, args.checkpoint)
@@ -237,6 +250,10 @@ def main(argv: list[str] | None = None) -> int:
                 experiment.evaluate_config.test_examples = args.test_examples
             analysis = experiment.analyze(args.run_dir, samples=args.samples, points=args.points, checkpoint=which, progress=not args.no_progress)
             print(analysis.report)
+            for line in analysis.numbers["warnings"]:
+                print(f"pyrovae analyze: {line}", file=sys.stderr)
+        elif args.command == "compare":
+            return _compare(args)
         elif args.command == "active-units":
             return _active_units(args, overrides)
         elif args.command == "multilabel":
@@ -259,6 +276,17 @@ def main(argv: list[str] | None = None) -> int:
         if distributed.launched_world_size() > 1 and args.command == "train":
             signal.signal(signal.SIGTERM, signal.SIG_DFL)  # leaving: a late SIGTERM just ends the process
         distributed.shutdown()
+    return 0
+
+
+def _compare(args) -> int:
+    """``pyrovae compare RUN_A RUN_B ...``: :func:`pyrovae.analysis.compare.compare_runs`."""
+    from pyrovae.analysis.compare import compare_runs  # imports ArviZ: only when comparing
+
+    comparison = compare_runs(args.runs, args.out)
+    print(comparison.markdown)
+    for line in comparison.warnings:
+        print(f"pyrovae compare: {line}", file=sys.stderr)
     return 0
 
 

@@ -564,3 +564,20 @@ class Experiment:
         )
         log_analysis(run_dir, run_dir / "analysis")  # into the run's MLflow run, where it has one
         return analysis
+
+    def evaluation_warnings(self, metrics: dict, rows: int = 100, samples: int = 500) -> list[str]:
+        """One-line warnings about the numbers of ``pyrovae evaluate`` (:func:`pyrovae.analysis.
+        diagnostics.weak_estimate_warnings`): the guide's Pareto k-hat on the first ``rows`` test
+        rows with ``samples`` importance samples each (seeded; most points above 0.7: log p(x) is
+        unreliable), and I(x; z) at its ceiling log N when ``metrics`` hold it."""
+        from pyrovae.analysis.diagnostics import MIN_PSIS_SAMPLES, PARETO_K_BAD, importance_weights, weak_estimate_warnings
+        from pyrovae.analysis.posterior import draw_posterior
+
+        limit = min(rows, self.data.size("test"), self.evaluate_config.test_examples or rows)
+        test = self.data.rows("test", 0, limit)
+        count = max(MIN_PSIS_SAMPLES, min(samples, self.evaluate_config.particles))
+        draws = draw_posterior(
+            self.model, self.guide, test, count, inputs=self.inputs(), batch_size=self.evaluate_config.batch_size, seed=self.config["seed"]
+        )
+        share = float((importance_weights(draws.log_weight.double().numpy().T)["pareto_k"] > PARETO_K_BAD).mean())
+        return weak_estimate_warnings(share, metrics.get("test_mutual_information"), int(metrics.get("test_examples", limit)))
