@@ -22,7 +22,7 @@ import pyrovae
 from pyrovae.analysis.active_units import active_units
 from pyrovae.analysis.multilabel import PROPENSITY_A, PROPENSITY_B, TAIL_FRACTION
 from pyrovae.config import PORTABLE_SETTINGS, load_experiment
-from pyrovae.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, PairMismatchError
+from pyrovae.errors import CheckpointError, ConfigError, DataError, FileWriteError, NonFiniteLossError, PairMismatchError
 from pyrovae.experiment import Experiment
 from pyrovae.traces import preserved_rng
 from pyrovae.train import distributed
@@ -205,6 +205,24 @@ def _sweep_parsers(commands) -> None:
     sweep.add_argument("--summary-only", action="store_true", help="only rewrite summary.md and summary.csv from the run folders")
     sweep.add_argument("--no-progress", action="store_true", help="no progress bar (one line per finished point still)")
 
+    tune_help = (
+        "search settings with Optuna (TPE, median pruning on each epoch's validation value): every trial an ordinary "
+        "run folder OUT/trial_NNNN; the study in OUT/study.db or --storage; writes OUT/best.toml and OUT/trials.csv"
+    )
+    tune = commands.add_parser("tune", help=tune_help, description=tune_help)
+    tune.add_argument("experiment", help="experiment TOML file")
+    tune.add_argument("--space", required=True, help="search space TOML: [section.key] tables with type = float | int | choice")
+    tune.add_argument("--trials", type=_count(1), required=True, help="trials in the study in all (complete or pruned), across processes")
+    tune.add_argument("--out", required=True, help="the search's folder")
+    tune.add_argument("--storage", help="an Optuna RDB URL shared by several processes or machines (default: sqlite:///OUT/study.db)")
+    tune.add_argument("--study", help="the study's name (default: the name of --out)")
+    tune.add_argument("--metric", help="the epoch record to optimize (default: valid/<the objective's selection metric>)")
+    tune.add_argument("--direction", choices=("maximize", "minimize"), default="maximize")
+    tune.add_argument("--seed", type=int, help="the TPE sampler's seed")
+    tune.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value of every trial")
+    tune.add_argument("--device", help="auto, cpu, cuda or cuda:N (the same as --set train.device=...)")
+    tune.add_argument("--no-progress", action="store_true", help="one line per epoch instead of progress bars")
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -260,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
             return _multilabel(args, overrides)
         elif args.command == "sweep":
             return _sweep(args, overrides)
+        elif args.command == "tune":
+            return _tune(args, overrides)
     except USER_ERRORS as error:
         # One line: an error raised inside a Pyro trace comes back with the trace's shape table appended.
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -364,6 +384,20 @@ def _sweep(args, overrides: list[str]) -> int:
         print(f"pyrovae sweep: {len(result.failed)} of {len(result.points)} points failed; run the same command again to retry them", file=sys.stderr)
         return 1
     return 0
+
+
+def _tune(args, overrides: list[str]) -> int:
+    """``pyrovae tune``: trials until the study holds --trials of them, then best.toml."""
+    from pyrovae.tuning import BEST_FILE, Search, load_space, tune
+
+    search = Search(Path(args.experiment), load_space(args.space), Path(args.out), overrides, args.metric, args.direction)
+    study = tune(search, args.trials, storage=args.storage, study_name=args.study, seed=args.seed, progress=not args.no_progress)
+    best = Path(args.out) / BEST_FILE
+    if best.exists():
+        print(json.dumps({"best_trial": study.best_trial.number, "value": study.best_value, "params": study.best_params, "best_toml": str(best)}, indent=2))
+        return 0
+    print(f"pyrovae tune: error: no trial of study {study.study_name!r} finished (all pruned or failed)", file=sys.stderr)
+    return 1
 
 
 def _interrupted_by_signal(signum, frame):

@@ -41,3 +41,13 @@ class UnsafeCheckpointError(CheckpointError):
 
 class RunFolderError(ConfigError):
     """A run folder cannot be used: another process holds it, or it holds files that are not a run."""
+
+
+class FileWriteError(RuntimeError):
+    """A file could not be written whole (a full disk, a file-size limit, a folder deleted underneath):
+    the message names it and says that the file as it was is intact (writes are atomic)."""
+
+
+class RunFolderLostError(RunFolderError):
+    """The run folder was deleted or replaced while a run trained in it: the run stops rather than
+    write into a folder that is no longer its own."""

@@ -24,15 +24,14 @@ import json
 import math
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from filelock import FileLock, Timeout
 
-from pyrovae.analysis import importance_log_likelihood, sample_grid, sample_rows, training_curves
+from pyrovae.analysis import sample_grid, sample_rows, training_curves
+from pyrovae.analysis.likelihood import importance_estimate
 from pyrovae.config import (
     PART_REGISTRIES,
     PORTABLE_SETTINGS,
@@ -47,12 +46,32 @@ from pyrovae.config import (
 )
 from pyrovae.data.splits import DataSplits, check_loader_result
 from pyrovae.errors import ConfigError, RunFolderError
+from pyrovae.files import check_same_folder, folder_identity, write_text_atomically
+from pyrovae.memory import available_memory, gigabytes
 from pyrovae.pair import DataSpec, Model, share_data_plate
 from pyrovae.traces import preserved_rng
 from pyrovae.registry import MODELS, SCHEDULES, split_folder
+from pyrovae.run_folder import (
+    CONFIG_FILE,
+    FINAL_FILE,
+    LOCK_FILE,
+    RUN_MARKER,
+    VOCABULARY_FILE,
+    check_checkpoint_fingerprint,
+    check_checkpoint_vocabulary,
+    differences,
+    flatten,
+    holds_a_run,
+    locked_run_folder,
+    read_run_files,
+    restore_run_files,
+    training_now,
+)
 from pyrovae.schedules import StepSchedules
 from pyrovae.train import distributed
+from pyrovae.train.checkpoint import check_contents, load_into, read_metadata
 from pyrovae.train.denormals import denormals_flushed
+from pyrovae.train.devices import resolve_device
 from pyrovae.train.progress import stderr_is_terminal
 from pyrovae.train.tracking import Trackers, log_analysis, trackers_for
 from pyrovae.train import (
@@ -62,61 +81,13 @@ from pyrovae.train import (
     evaluate_objective,
     fit,
     load_checkpoint_or_previous,
-    previous_path,
 )
 
-CONFIG_FILE = "config.toml"
-FINAL_FILE = "final.json"
-# Text data: the token list, so evaluate and sample map ids to the same words.
-VOCABULARY_FILE = "vocabulary.json"
-# Held (an OS file lock, released even when the process is killed) while a run trains.
-LOCK_FILE = ".pyrovae.lock"
-# Written when pyrovae makes a folder a run folder: a folder without it (or a checkpoint) that
-# holds files is the user's, and is not written into.
-RUN_MARKER = ".pyrovae-run"
-
-
-@contextmanager
-def locked_run_folder(run_dir: Path):
-    """Hold ``run_dir``'s lock, or fail at once if another process holds it."""
-    clash = next((p for p in (run_dir, *run_dir.parents) if p.exists() and not p.is_dir()), None)
-    if clash is not None:
-        raise RunFolderError(f"--out {run_dir}: {clash} is a file, not a folder; choose a new or empty folder")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(run_dir / LOCK_FILE))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise RunFolderError(
-            f"{run_dir} is in use by another pyrovae process (it holds {run_dir / LOCK_FILE}); "
-            "wait for it to finish, or train into another --out folder"
-        ) from None
-    try:
-        yield
-    finally:
-        lock.release()
-
-
-def _holds_a_run(run_dir: Path) -> bool:
-    checkpoints = run_dir / "checkpoints"
-    return any((checkpoints / name).exists() for name in (LATEST, previous_path(LATEST)))
-
-
 def _check_overrides(overrides: dict, allowed: tuple[str, ...], command: str) -> None:
-    refused = sorted(key for key in _flatten(overrides) if not is_allowed_setting(key, allowed))
+    refused = sorted(key for key in flatten(overrides) if not is_allowed_setting(key, allowed))
     if refused:
         shown = ", ".join(item + ("*" if item.endswith(".") else "") for item in allowed)
         raise ConfigError(f"--set {refused[0]} would change the trained run; {command} may change only {shown}")
-
-
-def _flatten(config: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _options(table: dict) -> dict:
@@ -139,6 +110,14 @@ def sequence_metrics(test: dict, mean_log_likelihood: float, mean_elbo: float | 
     if mean_elbo is not None:
         result["test_elbo_perplexity"] = math.exp(-mean_elbo * examples / tokens)
     return result
+
+
+def evaluate_options(given: dict, spec) -> dict:
+    """The ``[evaluate]`` options: those given, and for sentence data (variable-length word ids)
+    :attr:`EvaluateConfig.SENTENCE_DEFAULTS` for the keys left out."""
+    if spec.support == "categorical" and spec.variable_length:
+        return {**EvaluateConfig.SENTENCE_DEFAULTS, **given}
+    return dict(given)
 
 
 EXAMPLE_ROWS = 16
@@ -183,6 +162,40 @@ def build_model(table: dict, data: DataSpec) -> Any:
     return _construct("model", table, data, parts=parts)
 
 
+# Bytes per parameter while training: float32 values, their gradients and Adam's two moments.
+TRAINING_BYTES_PER_PARAMETER = 4 * 4
+
+
+def check_parameter_memory(config: dict, data: DataSpec) -> None:
+    """Refuse, before anything is allocated, a model and guide whose parameters cannot fit: they are
+    built on the meta device (shapes only, no memory), counted, and compared with the training
+    device's free memory. Parts that cannot be built that way are not checked here."""
+    table = config["model"]
+    if getattr(MODELS.resolve(table["name"], "[model] name"), "trained_parts", {}):
+        return  # built on another run's trained model, which is loaded from disk
+    try:
+        with preserved_rng(), torch.device("meta"):
+            model = _construct("model", table, data)
+            modules = [model]
+            try:
+                modules.append(_construct("guide", config["guide"], data, model))
+            except Exception:  # noqa: BLE001 - a guide that needs the traced model is counted as the model
+                modules.append(model)
+    except Exception:  # noqa: BLE001 - the real build reports its own errors
+        return
+    shapes = [(f"{part}.{name}", parameter.shape, parameter.numel()) for part, module in zip(("model", "guide"), modules) for name, parameter in module.named_parameters()]
+    needed = sum(count for _, _, count in shapes) * TRAINING_BYTES_PER_PARAMETER
+    device = resolve_device(config["train"]["device"])
+    free = available_memory(device)
+    if free is not None and needed > free:
+        name, shape, _ = max(shapes, key=lambda item: item[2])
+        raise ConfigError(
+            f"the model and guide have {needed // TRAINING_BYTES_PER_PARAMETER:,} parameters: training needs about "
+            f"{gigabytes(needed)} (values, gradients and Adam's two moments in float32), but {device} has "
+            f"{gigabytes(free)} free; the largest is {name} {tuple(shape)}: lower model.hidden or model.latent_dim"
+        )
+
+
 def load_trained_model(run_dir: str | Path, data: DataSpec, checkpoint: str = "best", where: str | None = None) -> Any:
     """The trained model of a run folder, on the CPU: built from the ``[model]`` table its checkpoint
     records, on data ``data``, with the checkpoint's ``best`` or ``latest`` parameters (falling back,
@@ -193,12 +206,12 @@ def load_trained_model(run_dir: str | Path, data: DataSpec, checkpoint: str = "b
     path = run_dir / "checkpoints" / (BEST if checkpoint == "best" else LATEST)
     if not path.exists():
         raise ConfigError(f"{where}: the folder holds no {path.name}; train that run there first")
-    saved = load_checkpoint_or_previous(path, "cpu", warn=lambda message: print(message, file=sys.stderr))
+    saved = check_contents(load_checkpoint_or_previous(path, "cpu", warn=lambda message: print(message, file=sys.stderr)), path)
     table = dict((saved.get("fingerprint") or {}).get("model") or {})
     if "name" not in table:
         raise ConfigError(f"{where}: {path} records no [model] table; it was not written by pyrovae train")
     model = build_model(table, data)
-    model.load_state_dict(saved["model"])
+    load_into(model, saved["model"], path, "model")
     return model
 
 
@@ -217,12 +230,15 @@ class Experiment:
     input_schedules: dict = field(default_factory=dict)
     # The optimizer step of the loaded parameters: scheduled inputs take their values at it.
     step: int = 0
+    # Opened from a run folder that another process is training into (its checkpoints move on).
+    opened_while_training: bool = False
 
     @classmethod
     def from_config(cls, raw: dict) -> "Experiment":
         config = resolve_config(raw)
         data = check_loader_result(_construct("data", config["data"]), split_folder(config["data"]["name"])[0])
         torch.manual_seed(config["seed"])
+        check_parameter_memory(config, data.spec)
         model = build_model(config["model"], data.spec)
         describe_on_first_rows(model, data)
         guide = _construct("guide", config["guide"], data.spec, model)
@@ -237,7 +253,7 @@ class Experiment:
             objective=_construct("objective", config["objective"]),
             anneal=_construct("anneal", anneal),
             train_config=TrainConfig(**config["train"]),
-            evaluate_config=EvaluateConfig(**config["evaluate"]),
+            evaluate_config=EvaluateConfig(**evaluate_options(config["evaluate"], data.spec)),
             anneal_sites={site: _construct(f"anneal.sites.{site}", table, registry=SCHEDULES) for site, table in sites.items()},
             input_schedules={
                 name: _construct(f"schedules.{name}", table, registry=SCHEDULES)
@@ -260,6 +276,7 @@ class Experiment:
         """The experiment of a run folder, with ``--set`` overrides of settings that do not change
         the trained run (:data:`pyrovae.config.PORTABLE_SETTINGS`, e.g. ``data.dir`` for moved data)."""
         run_dir = Path(run_dir)
+        restore_run_files(run_dir)
         if not (run_dir / CONFIG_FILE).exists():
             raise ConfigError(f"{run_dir} is not a run folder (no {CONFIG_FILE})")
         _check_overrides(apply_overrides({}, list(overrides)), PORTABLE_SETTINGS, command)
@@ -267,7 +284,9 @@ class Experiment:
         if (run_dir / VOCABULARY_FILE).exists() and raw.get("data", {}).get("vocabulary") is None:
             # The run's own vocabulary, so token ids mean what they meant in training.
             raw.setdefault("data", {})["vocabulary"] = str((run_dir / VOCABULARY_FILE).resolve())
-        return cls.from_config(raw)
+        experiment = cls.from_config(raw)
+        experiment.opened_while_training = training_now(run_dir)
+        return experiment
 
     def load_parameters(self, run_dir: str | Path, which: str = "best") -> dict:
         """Load the run's ``best`` or ``latest`` parameters (falling back, with a message, to the
@@ -281,9 +300,19 @@ class Experiment:
             lambda: load_checkpoint_or_previous(path, "cpu" if context.active else device, warn=lambda message: print(message, file=sys.stderr)),
             "loading parameters",
         )
-        self.model.load_state_dict(saved["model"])
-        self.guide.load_state_dict(saved["guide"])
+        check_contents(saved, path)
+        what = f"{path.parent.parent}"
+        check_checkpoint_fingerprint(saved, self.config, path, (*RESUMABLE_SETTINGS, *PORTABLE_SETTINGS), what)
+        check_checkpoint_vocabulary(saved, getattr(self.data, "vocabulary", None), path, what)
+        load_into(self.model, saved["model"], path, "model")
+        load_into(self.guide, saved["guide"], path, "guide")
         self.step = int(saved["state"]["step"])
+        if self.opened_while_training and context.is_main:
+            print(
+                f"pyrovae: note: {path.parent.parent} is training now (another process holds its lock); this reads "
+                f"{path.name} as of epoch {saved['state'].get('epoch')}, which may be older than the run",
+                file=sys.stderr,
+            )
         self.model.to(device)
         self.guide.to(device)
         self.data = self.data.to(device)
@@ -305,9 +334,11 @@ class Experiment:
 
     def _check_run_folder(self, run_dir: Path, resume: bool) -> None:
         if resume:
+            restore_run_files(run_dir)
             self._check_same_experiment(run_dir / CONFIG_FILE)
+            self._check_checkpoint_belongs(run_dir)
             return
-        if _holds_a_run(run_dir):
+        if holds_a_run(run_dir):
             raise RunFolderError(f"{run_dir} already holds a run; pass --resume to continue it or --out to start a new one")
         foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in (LOCK_FILE, RUN_MARKER))
         if foreign and not (run_dir / RUN_MARKER).exists():
@@ -320,13 +351,17 @@ class Experiment:
         config_path = run_dir / CONFIG_FILE
         context = distributed.current()
 
-        def prepare() -> None:
+        def prepare() -> dict[str, str]:
             self._check_run_folder(run_dir, resume)
             self._keep_vocabulary(run_dir, resume)
             (run_dir / RUN_MARKER).touch()
-            config_path.write_text(dump_toml(self.config))
+            write_text_atomically(config_path, dump_toml(self.config))
+            for note in self.setting_notes():
+                print(f"pyrovae: note: {note}", file=sys.stderr)
+            return read_run_files(run_dir)
 
-        distributed.on_main(context, prepare, "checking the run folder")
+        run_files = distributed.on_main(context, prepare, "checking the run folder")
+        identity = folder_identity(run_dir) if context.is_main else None
         started = time.perf_counter()
         result = fit(
             self.model,
@@ -341,6 +376,7 @@ class Experiment:
             resume=resume,
             progress=progress,
             fingerprint=self.config,
+            run_files=run_files,
             trackers=tracking.trackers,
         )
         train_seconds = time.perf_counter() - started
@@ -356,7 +392,8 @@ class Experiment:
         if context.active:
             final.update(world_size=context.world_size)
         if context.is_main:
-            (run_dir / FINAL_FILE).write_text(json.dumps(final, indent=2) + "\n")
+            check_same_folder(run_dir, identity)
+            write_text_atomically(run_dir / FINAL_FILE, json.dumps(final, indent=2) + "\n")
             self.plots(run_dir, result.state.history)
             tracking.finish(run_dir, final)
         return final
@@ -368,6 +405,12 @@ class Experiment:
         if vocabulary is None:
             return
         path = run_dir / VOCABULARY_FILE
+        if resume and not path.exists():
+            print(
+                f"pyrovae: note: {path} is missing and the checkpoint keeps no copy (written by an earlier pyrovae); "
+                "the vocabulary built from the data is taken unchecked",
+                file=sys.stderr,
+            )
         if resume and path.exists():
             if type(vocabulary).load(path) != vocabulary:
                 raise ConfigError(
@@ -380,17 +423,38 @@ class Experiment:
     def _check_same_experiment(self, config_path: Path) -> None:
         if not config_path.exists():
             raise ConfigError(f"--resume: {config_path.parent} has no {CONFIG_FILE}; nothing to resume")
-        saved, current = _flatten(resolve_config(load_toml(config_path))), _flatten(self.config)
-        differences = sorted(
-            key
-            for key in set(saved) | set(current)
-            if not is_allowed_setting(key, RESUMABLE_SETTINGS) and saved.get(key) != current.get(key)
-        )
-        if differences:
+        changed = differences(resolve_config(load_toml(config_path)), self.config, RESUMABLE_SETTINGS)
+        if changed:
             raise ConfigError(
-                f"--resume: the experiment differs from the saved run in {', '.join(differences)}; a resume may "
+                f"--resume: the experiment differs from the saved run in {', '.join(changed)}; a resume may "
                 f"change only {', '.join(k + ('*' if k.endswith('.') else '') for k in RESUMABLE_SETTINGS)}"
             )
+
+    def _check_checkpoint_belongs(self, run_dir: Path) -> None:
+        """The checkpoint a resume continues from was written by this run (its fingerprint) on this
+        vocabulary: a ``latest.pt`` copied from another run is refused by name."""
+        found = read_metadata(run_dir / "checkpoints")
+        if found is None:
+            return  # no readable checkpoint: the resume itself says so
+        path, metadata = found
+        check_checkpoint_fingerprint(metadata, self.config, path, RESUMABLE_SETTINGS, "--resume")
+        check_checkpoint_vocabulary(metadata, getattr(self.data, "vocabulary", None), path, "--resume")
+
+    def setting_notes(self) -> list[str]:
+        """What some accepted settings do, said before training: a batch larger than the training
+        split, an empty ``hidden`` (no hidden layer)."""
+        notes = []
+        rows = self.data.size("train")
+        if self.train_config.batch_size > rows:
+            notes.append(
+                f"train.batch_size = {self.train_config.batch_size} is more than the {rows} training rows: "
+                f"each epoch is one batch of {rows}"
+            )
+        for section in ("model", "guide"):
+            for key, value in self.config[section].items():
+                if isinstance(value, list) and not value and "hidden" in key:
+                    notes.append(f"{section}.{key} = []: no hidden layer, so that network is one linear map")
+        return notes
 
     def test_metrics(self, particles: int | None = None, progress: bool = False) -> dict:
         """The configured objective's own metrics on the test set (unannealed), each as
@@ -422,7 +486,7 @@ class Experiment:
             rows = self.data.size("test") if limit is None else min(limit, self.data.size("test"))
             lo, hi = distributed.shard_range(rows, context)
             test = self.data.rows("test", min(lo, rows - 1), max(hi, min(lo, rows - 1) + 1))
-            log_likelihood = importance_log_likelihood(
+            estimate = importance_estimate(
                 self.model,
                 self.guide,
                 test,
@@ -431,11 +495,20 @@ class Experiment:
                 batch_size=evaluate.batch_size,
                 max_rows=evaluate.max_rows,
                 progress=progress,
+                memory_gb=evaluate.memory_gb,
             )
-        mean_log_likelihood, test_examples = distributed.mean_rows(context, log_likelihood, hi - lo)
+        mean_log_likelihood, test_examples = distributed.mean_rows(context, estimate.log_likelihood, hi - lo)
+        # Monte Carlo standard error of the mean NLL: sqrt(sum_n Var[log p^(x_n)]) / N.
+        mean_variance, _ = distributed.mean_rows(context, estimate.variance, hi - lo)
+        standard_error = math.sqrt(mean_variance / test_examples)
         # Perplexity is per token: sequences of frames (real-valued x) have lengths but no tokens.
         tokens = self.data.spec.support == "categorical"
         sequence = sequence_metrics(self.data.rows("test", 0, rows), mean_log_likelihood, metrics.get("elbo")) if tokens else {}
+        if getattr(self.data, "vocabulary", None) is not None and not context.active:
+            from pyrovae.analysis.decoding import reconstruction_f1
+
+            with preserved_rng():
+                sequence.update(reconstruction_f1(self.model, self.guide, self.data.rows("test", 0, rows), inputs, evaluate.batch_size, self.config["seed"]))
         if evaluate.latent_metrics:
             sequence.update(self.latent_metrics(rows, inputs))
         from pyrovae.analysis.classification import label_metrics
@@ -450,6 +523,7 @@ class Experiment:
             **{f"test_{key}": value for key, value in labels.items()},
             "test_log_likelihood": mean_log_likelihood,
             "test_nll": -mean_log_likelihood,
+            "test_nll_standard_error": standard_error,
             **sequence,
             "particles": particles,
             "test_examples": test_examples,

@@ -103,7 +103,9 @@ def test_persistent_nonfinite_losses_stop_with_a_clear_message(tmp_path):
     message = str(failure.value)
     assert "reconstruction" in message and "loss" in message
     assert re.search(r"at step \d+ \(epoch 1\) after 2 recoveries", message), message
-    assert "resume from it with a lower learning rate or clipping, e.g. --resume --set train.lr=" in message
+    # It stopped in epoch 1: no checkpoint exists, so the advice is to train again, not to resume.
+    assert "no epoch has finished, so there is no checkpoint: train again (the same --out works) with --set train.lr=" in message
+    assert "--resume" not in message and "latest.pt" not in message
 
 
 def test_early_stopping_and_checkpoints(tmp_path):

@@ -51,6 +51,7 @@ import torch
 
 from pyrovae.data.sequences import sequence_splits
 from pyrovae.data.splits import Batch, DataSplits
+from pyrovae.files import write_text_atomically
 from pyrovae.errors import ConfigError, DataError
 from pyrovae.registry import DATASETS
 
@@ -181,7 +182,7 @@ class Vocabulary:
             "max_size": self.max_size,
             "tokens": list(self.tokens),
         }
-        path.write_text(json.dumps(record, ensure_ascii=False, indent=0) + "\n", encoding="utf-8")
+        write_text_atomically(path, json.dumps(record, ensure_ascii=False, indent=0) + "\n")
         return path
 
     @classmethod

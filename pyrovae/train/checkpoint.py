@@ -1,8 +1,9 @@
 """Checkpoints that are never half-written, never run code when loaded, and survive damage.
 
-Writing: a temporary file beside the target is fsynced, the current target (if any) becomes the
-*previous* copy (``latest.prev.pt``, a hard link swapped in atomically), the temporary is renamed
-over the target (atomic on POSIX), and the folder is fsynced. A kill at any instant leaves the
+Writing (:mod:`pyrovae.files`): a temporary file beside the target is fsynced, the current target (if
+any) becomes the *previous* copy (``latest.prev.pt``, a hard link swapped in atomically), the
+temporary is renamed over the target (atomic on POSIX), and the folder is fsynced. A write that
+fails (a full disk) says so in one line, naming the intact files. A kill at any instant leaves the
 target whole. If the target is damaged anyway (a full disk, a file truncated by hand),
 :func:`load_checkpoint_or_previous` falls back to the previous copy.
 
@@ -16,7 +17,6 @@ import json
 import os
 import pickle
 import re
-import shutil
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -24,67 +24,16 @@ from typing import Any, Callable, Iterable
 import torch
 
 from pyrovae.errors import CheckpointError, UnsafeCheckpointError
+from pyrovae.files import previous_path, remove_stale_temporaries, replace_atomically  # noqa: F401 - re-exported
 
 LATEST = "latest.pt"
 BEST = "best.pt"
 
 
-def previous_path(path: str | Path) -> Path:
-    """Where the copy of ``path`` before its last write is kept: ``latest.pt`` -> ``latest.prev.pt``."""
-    path = Path(path)
-    return path.with_name(f"{path.stem}.prev{path.suffix}")
-
-
-def _fsync_directory(directory: Path) -> None:
-    handle = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
-
-
-def _replace_atomically(path: Path, write: Callable, keep_previous: bool = False) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if keep_previous and path.exists():
-            _keep_copy(path, previous_path(path))
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
-    _fsync_directory(path.parent)
-
-
-def _keep_copy(path: Path, copy: Path) -> None:
-    """Make ``copy`` hold what ``path`` holds now, atomically, leaving ``path`` in place: a hard
-    link (no bytes copied), or a real copy where the file system has no hard links."""
-    staged = copy.with_name(f".{copy.name}.{os.getpid()}.tmp")
-    staged.unlink(missing_ok=True)
-    try:
-        os.link(path, staged)
-    except OSError:
-        shutil.copyfile(path, staged)
-    os.replace(staged, copy)
-
-
-def remove_stale_temporaries(directory: str | Path) -> list[Path]:
-    """Delete temporary files left by a process killed mid-write (the targets are intact)."""
-    directory = Path(directory)
-    stale = sorted(directory.glob(".*.tmp")) if directory.is_dir() else []
-    for path in stale:
-        path.unlink(missing_ok=True)
-    return stale
-
-
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     """Write ``state`` (tensors and plain Python values) to ``path``, keeping the file it replaces
     as ``previous_path(path)``."""
-    _replace_atomically(Path(path), lambda handle: torch.save(state, handle), keep_previous=True)
+    replace_atomically(Path(path), lambda handle: torch.save(state, handle), keep_previous=True)
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict[str, Any]:
@@ -132,7 +81,7 @@ def load_checkpoint_or_previous(path: str | Path, device: torch.device | str = "
 def write_jsonl(records: Iterable[dict], path: str | Path) -> None:
     """Rewrite a whole JSON-lines file atomically (used on resume, from the checkpoint's history)."""
     text = "".join(json.dumps(record) + "\n" for record in records)
-    _replace_atomically(Path(path), lambda handle: handle.write(text.encode()))
+    replace_atomically(Path(path), lambda handle: handle.write(text.encode()))
 
 
 def append_jsonl(record: dict, path: str | Path) -> None:
@@ -140,3 +89,61 @@ def append_jsonl(record: dict, path: str | Path) -> None:
         handle.write(json.dumps(record) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
+
+
+# The checkpoints that may hold a run folder's metadata (fingerprint, run files), newest first.
+METADATA_SOURCES = (LATEST, "latest.prev.pt", BEST, "best.prev.pt")
+
+
+def read_metadata(folder: str | Path) -> tuple[Path, dict] | None:
+    """(checkpoint, {"fingerprint": ..., "run_files": {...}}) of the newest readable checkpoint in
+    ``folder`` (``run_dir/checkpoints``), read memory-mapped (the tensors are not loaded); None when
+    there is none. A damaged or unsafe file is skipped."""
+    for name in METADATA_SOURCES:
+        path = Path(folder) / name
+        if not path.exists():
+            continue
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # noqa: BLE001 - any unreadable file is skipped; the next copy may serve
+            continue
+        if isinstance(saved, dict):
+            return path, {"fingerprint": saved.get("fingerprint"), "run_files": dict(saved.get("run_files") or {})}
+    return None
+
+
+PARTS = ("model", "guide", "state")
+
+
+def check_contents(saved: Any, path: str | Path, needs: tuple[str, ...] = PARTS) -> dict:
+    """``saved`` if it is a pyrovae checkpoint holding ``needs`` with finite parameters; else a
+    :class:`CheckpointError` in one line that names the file and what is wrong."""
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path} holds a {type(saved).__name__}, not a pyrovae checkpoint (a dict of model, guide, state)")
+    missing = [key for key in needs if key not in saved]
+    if missing:
+        raise CheckpointError(f"{path} has no {', '.join(repr(key) for key in missing)} entry; it was not written by pyrovae train")
+    for part in ("model", "guide"):
+        states = saved.get(part)
+        if part in needs and not isinstance(states, dict):
+            raise CheckpointError(f"{path}: its {part!r} entry is a {type(states).__name__}, not a state dict of tensors")
+        for name, tensor in (states or {}).items():
+            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise CheckpointError(
+                    f"{path} holds non-finite parameters ({part} {name}); it was damaged or saved from a diverged "
+                    f"run: use another checkpoint ({'best' if 'latest' in Path(path).name else 'latest'}, or the .prev.pt copy)"
+                )
+    return saved
+
+
+def load_into(module: torch.nn.Module, state: dict, path: str | Path, part: str) -> None:
+    """``module.load_state_dict(state)``, or a :class:`CheckpointError` in one line naming the first
+    mismatch (a missing or extra key, another size)."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError, ValueError) as error:
+        details = [line.strip() for line in str(error).splitlines()[1:] if line.strip()] or [str(error).strip()]
+        raise CheckpointError(
+            f"{path} does not fit this {part} ({type(module).__name__}): {details[0]}; the checkpoint was written "
+            f"by another experiment, or the config was edited"
+        ) from None

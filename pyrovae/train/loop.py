@@ -80,7 +80,7 @@ def fit(model, guide, objective: Callable, data: DataSplits, config: TrainConfig
     so a resumed run sees the values an unbroken one would); ``run_dir``, where
     ``checkpoints/latest.pt`` (every epoch), ``checkpoints/best.pt`` (best validation score: the
     objective's ``selection_metric``) and ``metrics.jsonl`` are written; ``resume`` (continue from
-    ``latest.pt`` as if never stopped); ``progress``; ``fingerprint`` (stored in checkpoints).
+    ``latest.pt`` as if never stopped); ``progress``; ``fingerprint`` and ``run_files`` (stored in checkpoints).
 
     ``progress``: a bar on a terminal, else one line per epoch. ``trackers``
     (:mod:`pyrovae.train.tracking`) are told of the start, every ``log_every`` steps and each epoch's
@@ -93,7 +93,7 @@ def fit(model, guide, objective: Callable, data: DataSplits, config: TrainConfig
     options = FitOptions.of(options)
     run = Training(model, guide, objective, data, config, options)
     trackers = Trackers(options.trackers, active=run.context.is_main)
-    checkpoints, records = Checkpoints(run, options.run_dir, options.fingerprint), Records(run, options.run_dir)
+    checkpoints, records = Checkpoints(run, options.run_dir, options.fingerprint, options.run_files), Records(run, options.run_dir)
     if options.resume:
         checkpoints.resume()
     else:

@@ -127,14 +127,16 @@ class NonFiniteRecovery:
         config, optimizer, state = run.config, run.optimizer, run.state
         state.nonfinite_retries += 1
         if state.nonfinite_retries > config.max_nonfinite_retries:
+            lower = f"--set train.lr={optimizer.param_groups[0]['lr'] / 2:.3g} --set train.clip_norm=10"
+            if state.epoch == 0:  # no epoch finished: there is no checkpoint to resume from
+                advice = f"no epoch has finished, so there is no checkpoint: train again (the same --out works) with {lower}"
+            else:
+                advice = f"checkpoints/latest.pt holds epoch {state.epoch}: resume from it with a lower learning rate or clipping, e.g. --resume {lower}"
             raise NonFiniteLossError(
                 f"training stopped: non-finite {', '.join(failure.terms)} at step {failure.step} "
                 f"(epoch {state.epoch + 1}) after {config.max_nonfinite_retries} recoveries, each restoring "
                 f"the epoch-start state and halving the learning rate "
-                f"(last {optimizer.param_groups[0]['lr']:.3g}); checkpoints/latest.pt holds epoch "
-                f"{state.epoch}: resume from it with a lower learning rate or clipping, e.g. "
-                f"--resume --set train.lr={optimizer.param_groups[0]['lr'] / 2:.3g} --set train.clip_norm=10, "
-                f"or check the data and the model's scales"
+                f"(last {optimizer.param_groups[0]['lr']:.3g}); {advice}, or check the data and the model's scales"
             ) from None
         retries = state.nonfinite_retries
         run.model.load_state_dict(snapshot["model"])

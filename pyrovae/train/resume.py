@@ -24,7 +24,19 @@ import torch
 
 from pyrovae.traces import preserved_rng
 from pyrovae.train import distributed
-from pyrovae.train.checkpoint import BEST, LATEST, load_checkpoint_or_previous, previous_path, remove_stale_temporaries, save_checkpoint
+from pyrovae.errors import CheckpointError
+from pyrovae.files import check_same_folder, folder_identity
+from pyrovae.train.checkpoint import (
+    BEST,
+    LATEST,
+    PARTS,
+    check_contents,
+    load_checkpoint_or_previous,
+    load_into,
+    previous_path,
+    remove_stale_temporaries,
+    save_checkpoint,
+)
 from pyrovae.train.progress import say
 from pyrovae.train.state import TrainState
 
@@ -90,10 +102,12 @@ class Checkpoints:
     """``run_dir/checkpoints`` of ``training`` (nothing is written without ``run_dir``): :meth:`start`
     or :meth:`resume` before the first epoch, :meth:`save` after each."""
 
-    def __init__(self, training, run_dir: str | Path | None = None, fingerprint: dict | None = None):
-        self.training, self.fingerprint = training, fingerprint
+    def __init__(self, training, run_dir: str | Path | None = None, fingerprint: dict | None = None, run_files: dict | None = None):
+        self.training, self.fingerprint, self.run_files = training, fingerprint, dict(run_files or {})
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.folder = self.run_dir / "checkpoints" if run_dir is not None else None
+        # The folder this run writes into: a folder deleted, or replaced by another run's, stops it.
+        self.identity = folder_identity(self.run_dir) if self.run_dir is not None and self.run_dir.is_dir() else None
 
     def start(self) -> None:
         """A fresh run: every rank its own random stream."""
@@ -104,9 +118,14 @@ class Checkpoints:
         from ``latest.pt`` (or its previous copy, if it is damaged)."""
         run = self.training
         saved = distributed.on_main(run.context, self._load, "loading the checkpoint")
-        run.model.load_state_dict(saved["model"])
-        run.guide.load_state_dict(saved["guide"])
-        run.optimizer.load_state_dict(saved["optimizer"])
+        where = self.folder / LATEST if self.folder is not None else LATEST
+        check_contents(saved, where, needs=(*PARTS, "optimizer"))
+        load_into(run.model, saved["model"], where, "model")
+        load_into(run.guide, saved["guide"], where, "guide")
+        try:
+            run.optimizer.load_state_dict(saved["optimizer"])
+        except (ValueError, KeyError, TypeError) as error:
+            raise CheckpointError(f"{where}: its optimizer state does not fit this model and guide ({error})") from None
         run.state = restored_state(saved["state"], run.config.patience)
         restore_rng(saved, run.context, run.say)
         if run.state.stopped_early:
@@ -132,6 +151,7 @@ class Checkpoints:
             "state": asdict(run.state),
             "rng": rng_state(),
             "fingerprint": self.fingerprint,
+            "run_files": self.run_files,
             "world_size": run.context.world_size,
         }
         if run.context.active:
@@ -146,6 +166,7 @@ class Checkpoints:
             return
         saved = self.contents()
         if self.folder is not None and context.is_main:
+            check_same_folder(self.run_dir, self.identity)
             if improved:
                 save_checkpoint(saved, self.folder / BEST)
             save_checkpoint(saved, self.folder / LATEST)

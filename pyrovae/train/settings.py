@@ -117,6 +117,9 @@ class FitOptions:
     progress: bool = True
     # Stored in checkpoints (e.g. the resolved config).
     fingerprint: dict | None = None
+    # File name -> text of the run folder's own small files (config.toml, vocabulary.json), kept in
+    # every checkpoint so that a damaged or deleted one can be restored and checked on resume.
+    run_files: Mapping[str, str] | None = None
     # Trackers (pyrovae.train.tracking.Tracker): told of the start, every log_every steps and each
     # epoch's record, on rank 0; whoever made them closes them.
     trackers: Sequence = ()
