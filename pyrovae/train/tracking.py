@@ -174,8 +174,9 @@ class TensorBoardTracker(Tracker):
     def start(self, training, resumed: bool) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        # A resumed run drops what a killed run wrote after its checkpoint, as metrics.jsonl does.
-        self.writer = SummaryWriter(log_dir=str(self.folder), purge_step=training.state.step if resumed else None)
+        # A resumed run drops what a killed run wrote after its checkpoint (steps after the checkpoint's
+        # step), as metrics.jsonl does.
+        self.writer = SummaryWriter(log_dir=str(self.folder), purge_step=training.state.step + 1 if resumed else None)
 
     def steps(self, training, history, step: int) -> None:
         recent = torch.stack([metrics["loss"] for metrics in history[-training.config.log_every :]]).mean()
