@@ -112,14 +112,6 @@ def sequence_metrics(test: dict, mean_log_likelihood: float, mean_elbo: float | 
     return result
 
 
-def evaluate_options(given: dict, spec) -> dict:
-    """The ``[evaluate]`` options: those given, and for sentence data (variable-length word ids)
-    :attr:`EvaluateConfig.SENTENCE_DEFAULTS` for the keys left out."""
-    if spec.support == "categorical" and spec.variable_length:
-        return {**EvaluateConfig.SENTENCE_DEFAULTS, **given}
-    return dict(given)
-
-
 EXAMPLE_ROWS = 16
 
 
@@ -253,7 +245,7 @@ class Experiment:
             objective=_construct("objective", config["objective"]),
             anneal=_construct("anneal", anneal),
             train_config=TrainConfig(**config["train"]),
-            evaluate_config=EvaluateConfig(**evaluate_options(config["evaluate"], data.spec)),
+            evaluate_config=EvaluateConfig(**config["evaluate"]),
             anneal_sites={site: _construct(f"anneal.sites.{site}", table, registry=SCHEDULES) for site, table in sites.items()},
             input_schedules={
                 name: _construct(f"schedules.{name}", table, registry=SCHEDULES)
@@ -470,7 +462,7 @@ class Experiment:
 
     def _test_metrics(self, particles: int | None, progress: bool) -> dict:
         evaluate = self.evaluate_config
-        particles = evaluate.particles if particles is None else particles
+        particles = evaluate.particles_for(self.data.spec) if particles is None else particles
         if particles < 1:
             raise ConfigError(f"particles = {particles}: importance sampling needs at least 1 particle")
         limit = evaluate.test_examples or None
@@ -501,6 +493,8 @@ class Experiment:
         # Monte Carlo standard error of the mean NLL: sqrt(sum_n Var[log p^(x_n)]) / N.
         mean_variance, _ = distributed.mean_rows(context, estimate.variance, hi - lo)
         standard_error = math.sqrt(mean_variance / test_examples)
+        # Kish's effective sample size per example, averaged: the standard error is trustworthy when it is large.
+        mean_ess, _ = distributed.mean_rows(context, estimate.effective_sample_size, hi - lo)
         # Perplexity is per token: sequences of frames (real-valued x) have lengths but no tokens.
         tokens = self.data.spec.support == "categorical"
         sequence = sequence_metrics(self.data.rows("test", 0, rows), mean_log_likelihood, metrics.get("elbo")) if tokens else {}
@@ -524,6 +518,7 @@ class Experiment:
             "test_log_likelihood": mean_log_likelihood,
             "test_nll": -mean_log_likelihood,
             "test_nll_standard_error": standard_error,
+            "test_effective_sample_size": mean_ess,
             **sequence,
             "particles": particles,
             "test_examples": test_examples,
@@ -649,7 +644,7 @@ class Experiment:
 
         limit = min(rows, self.data.size("test"), self.evaluate_config.test_examples or rows)
         test = self.data.rows("test", 0, limit)
-        count = max(MIN_PSIS_SAMPLES, min(samples, self.evaluate_config.particles))
+        count = max(MIN_PSIS_SAMPLES, min(samples, self.evaluate_config.particles_for(self.data.spec)))
         draws = draw_posterior(
             self.model, self.guide, test, count, inputs=self.inputs(), batch_size=self.evaluate_config.batch_size, seed=self.config["seed"]
         )

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -30,7 +31,7 @@ from pyro import poutine
 from torch.nn import functional as F
 
 from pyrovae.analysis.plots import evaluation_mode
-from pyrovae.data.text import BOS, EOS, PAD
+from pyrovae.data.text import BOS, EOS, PAD, UNK
 from pyrovae.nn import real_positions
 
 
@@ -272,7 +273,7 @@ def homotopy(
         raise ValueError(f"homotopy needs a latent z; {type(model).__name__} has none")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
         raise ValueError(f"steps = {steps!r} is not allowed: a homotopy needs at least 2 steps (its two ends)")
-    first, second = _rows_of(batch_a, slice(0, 1)), _rows_of(batch_b, slice(0, 1))
+    first, second = rows_of(batch_a, slice(0, 1)), rows_of(batch_b, slice(0, 1))
     mean_a = posterior_latent(model, guide, first, inputs=inputs)
     mean_b = posterior_latent(model, guide, second, inputs=inputs)
     t = torch.linspace(0.0, 1.0, steps, dtype=mean_a.dtype, device=mean_a.device).unsqueeze(-1)
@@ -281,18 +282,58 @@ def homotopy(
     return _decoder(method)(model, z, max_length, None if y is None else y.expand(steps), **options)
 
 
-def _rows_of(batch: Mapping, rows: slice) -> dict:
+def rows_of(batch: Mapping, rows: slice) -> dict:
     """Those rows of every tensor of ``batch`` (other values, e.g. scheduled inputs, as they are)."""
     return {key: value[rows] if torch.is_tensor(value) else value for key, value in batch.items()}
+
+
+def bag_of_words_f1(reference: list[int], hypothesis: list[int], ignored: tuple[int, ...] = (PAD, UNK, BOS, EOS)) -> float:
+    """F1 of two sentences as bags of words (counts kept), the ``ignored`` ids left out:
+
+        overlap = sum_w min(c_ref(w), c_hyp(w)),  P = overlap / |hyp|,  R = overlap / |ref|,
+        F1 = 2 P R / (P + R)   (0 when either bag is empty or they share no word)."""
+    left = Counter(word for word in reference if word not in ignored)
+    right = Counter(word for word in hypothesis if word not in ignored)
+    overlap = sum((left & right).values())
+    if overlap == 0:
+        return 0.0
+    precision, recall = overlap / sum(right.values()), overlap / sum(left.values())
+    return 2 * precision * recall / (precision + recall)
+
+
+def reconstruction_f1(model, guide, batch: Mapping, inputs: Mapping | None = None, batch_size: int = 100, seed: int = 0) -> dict:
+    """Whether the decoder uses z, in words: the mean bag-of-words F1 (:func:`bag_of_words_f1`,
+    without <unk>, <eos> and padding) between each sentence of ``batch`` and
+
+    - ``test_reconstruction_f1``: its greedy reconstruction from the mean of q(z | x);
+    - ``test_prior_draw_f1``: a greedy decoding from its own draw z ~ N(0, I) (seeded), the chance
+      level that frequent words give.
+
+    A label-conditioned model decodes both with the sentence's label. Empty for a model without
+    a latent."""
+    if not getattr(model, "latent_size", 0):
+        return {}
+    generator = torch.Generator(device=_device_and_dtype(model)[0]).manual_seed(seed)
+    count = int(batch["x"].shape[0])
+    reconstructed, drawn, references = 0.0, 0.0, original_sentences(batch, count)
+    for begin in range(0, count, batch_size):
+        rows = rows_of(batch, slice(begin, begin + batch_size))
+        labels = rows.get("y") if model.conditions_on_label else None
+        rebuilt = reconstruct(model, guide, rows, "greedy", inputs=inputs)
+        prior = prior_sentences(model, int(rows["x"].shape[0]), "greedy", y=labels, generator=generator)
+        for reference, own, other in zip(references[begin : begin + batch_size], rebuilt, prior):
+            reconstructed += bag_of_words_f1(reference, own)
+            drawn += bag_of_words_f1(reference, other)
+    return {"test_reconstruction_f1": reconstructed / count, "test_prior_draw_f1": drawn / count}
 
 
 def _sentence(vocabulary, ids: list[int]) -> str:
     return " ".join(vocabulary.decode(ids)) or "(empty sentence)"
 
 
-def _originals(batch: Mapping, count: int) -> list[list[int]]:
+def original_sentences(batch: Mapping, count: int) -> list[list[int]]:
     """The first ``count`` sentences of ``batch`` as ids, without padding or <eos>."""
-    first = _rows_of(batch, slice(0, count))
+    first = rows_of(batch, slice(0, count))
     _, lengths = real_positions(first["x"], first.get("mask"), first.get("lengths"))
     return _until_eos([row[:n] for row, n in zip(first["x"].tolist(), lengths.tolist())])
 
@@ -342,14 +383,14 @@ def write_text_samples(
     if not latent:
         lines += [f"({name} has no latent variable: no reconstructions or homotopy.)", ""]
     else:
-        first = _rows_of(batch, slice(0, count))
+        first = rows_of(batch, slice(0, count))
         rebuilt = reconstruct(model, guide, first, "greedy", max_length=max_length, inputs=inputs)
         lines += ["== Reconstructions (z = mean of q(z | x), greedy decoding) =="]
-        for row, (original, decoded) in enumerate(zip(_originals(batch, count), rebuilt)):
+        for row, (original, decoded) in enumerate(zip(original_sentences(batch, count), rebuilt)):
             tag = f"[y={int(y[row])}] " if y is not None else ""
             lines += [f"{tag}original:      {_sentence(vocabulary, original)}", f"reconstructed: {_sentence(vocabulary, decoded)}", ""]
         if batch["x"].shape[0] >= 2:
-            path_z = homotopy(model, guide, batch, _rows_of(batch, slice(1, 2)), steps=5, max_length=max_length, inputs=inputs)
+            path_z = homotopy(model, guide, batch, rows_of(batch, slice(1, 2)), steps=5, max_length=max_length, inputs=inputs)
             lines += ["== Homotopy between the first two sentences (greedy decoding) =="]
             lines += [f"{i / (len(path_z) - 1):.2f}  {_sentence(vocabulary, ids)}" for i, ids in enumerate(path_z)] + [""]
     path.write_text("\n".join(lines), encoding="utf-8")
