@@ -111,3 +111,17 @@ def test_two_processes_share_one_sqlite_study(tmp_path):
     assert config["model"]["latent_dim"] == best.params["model.latent_dim"]
     assert json.dumps(config["model"]["hidden"]) == best.params["model.hidden"]
     assert (out / "trials.csv").read_text().count("\n") == len(study.trials) + 1
+
+
+def test_the_readme_space_is_read_as_written(tmp_path):
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme[readme.index("**Search** (`pyrovae tune`") :]
+    block = block[block.index("```toml\n") + 8 :]
+    (tmp_path / "space.toml").write_text(block[: block.index("```")])
+    assert [(p.key, p.kind) for p in load_space(tmp_path / "space.toml")] == [
+        ("train.lr", "float"),
+        ("model.latent_dim", "int"),
+        ("model.hidden", "choice"),
+    ]
