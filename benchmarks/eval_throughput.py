@@ -11,13 +11,31 @@ measurement; the measurement is the best of ``--repeats`` calls.
     python benchmarks/eval_throughput.py                          # K = 100 and 1000, 200 images
     python benchmarks/eval_throughput.py --particles 5000 --images 100 --batch-size 100
     python benchmarks/eval_throughput.py --run runs/mnist_vae     # a trained run's model, guide and test images
+
+**Sentences** (``--sentences``): the sentence VAE at the reviews experiments' sizes (embedding 128,
+LSTM 256, z = 32, vocabulary of the reviews words seen 5 times, rows of at most 40 ids; the first
+``--images`` test reviews of ../shared/data/reviews, or random words of that shape without it),
+K = 500, one process, both paths of :func:`pyrovae.analysis.likelihood.importance_estimate`:
+
+- ``old``: the traced path, as every run evaluated before the sentence path existed, at the
+  reviews TOMLs' settings (``evaluate.batch_size = 50``, ``evaluate.max_rows = 1000``);
+- ``new``: the sentence path (encoder once per sentence, particles folded into the decoder's
+  rows, the output layer at real positions a slice at a time) within ``--memory-gb``.
+
+Each prints sentences per second and its peak resident memory above the process's size before it
+(VmHWM, reset between the two; Linux), the two estimates' mean log p(x) and standard errors (they
+must agree within them), then ``sentence_speedup=new/old``. ``--tiny``: tiny networks and data.
+
+    python benchmarks/eval_throughput.py --sentences --images 20 --particles 500
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
+from pathlib import Path
 
 import torch
 
@@ -60,6 +78,90 @@ def measure(model, guide, data, device, particles, batch_size, repeats) -> float
     return best
 
 
+def resident_peak_mb() -> float:
+    """This process's peak resident memory (VmHWM) in MB; 0 where /proc is missing."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def reset_resident_peak() -> float:
+    """Reset VmHWM to the current resident size (Linux: clear_refs 5); returns that size in MB."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    return resident_peak_mb()
+
+
+def sentence_pair(args):
+    """The sentence VAE at the reviews sizes (or tiny) and the first ``args.images`` test rows."""
+    from pyrovae.data import reviews
+    from pyrovae.data.text import EOS, PAD
+    from pyrovae.data.sequences import sequence_splits
+    from pyrovae.guides import SentenceLSTMGuide, SentenceLSTMGuideConfig
+    from pyrovae.models import SentenceVAE, SentenceVAEConfig
+
+    sizes = dict(embedding_dim=8, hidden=8, latent_dim=2) if args.tiny else dict(embedding_dim=128, hidden=256, latent_dim=32)
+    corpus = Path(__file__).resolve().parents[2] / "shared" / "data" / "reviews"
+    if corpus.exists() and not args.tiny:
+        data, source = reviews(dir=corpus, max_length=40, min_count=5, max_size=5000), "reviews test split"
+    else:
+        generator = torch.Generator().manual_seed(0)
+        vocabulary, longest = (30, 8) if args.tiny else (4592, 40)
+        rows = [
+            torch.randint(EOS + 1, vocabulary, (int(n),), generator=generator).tolist() + [EOS]
+            for n in torch.randint(1, 2 * longest, (args.images,), generator=generator).clamp(max=longest - 1)
+        ]
+        data = sequence_splits(rows, rows, valid=rows, num_categories=vocabulary, max_length=longest, padding_index=PAD)
+        source = "random words"
+    torch.manual_seed(0)
+    model = SentenceVAE(SentenceVAEConfig(**sizes, decoder="lstm"), data.spec)
+    guide = SentenceLSTMGuide(SentenceLSTMGuideConfig(embedding_dim=sizes["embedding_dim"], hidden=sizes["hidden"]), data.spec, model)
+    return model, guide, data.rows("test", 0, min(args.images, data.size("test"))), source
+
+
+def sentence_main(args) -> None:
+    from pyrovae.analysis.likelihood import importance_estimate
+
+    model, guide, test, source = sentence_pair(args)
+    count, particles = int(test["x"].shape[0]), int(args.particles.split(",")[0])
+    tokens = int(test["lengths"].sum())
+    print(
+        f"torch={torch.__version__} threads={torch.get_num_threads()} sentences={count} ({source}, {tokens} tokens) "
+        f"K={particles} vocabulary={model.decoder.output.out_features}"
+    )
+    paths = {
+        "old": dict(method="traced", batch_size=50, max_rows=1000),
+        "new": dict(method="sentence", batch_size=50, memory_gb=args.memory_gb),
+    }
+    results = {}
+    for name, options in paths.items():
+        torch.manual_seed(1)
+        warm = {key: value[:2] for key, value in test.items()}
+        importance_estimate(model, guide, warm, particles=min(particles, 20), **options)
+        before = reset_resident_peak()
+        started = time.perf_counter()
+        estimate = importance_estimate(model, guide, test, particles=particles, **options)
+        seconds = time.perf_counter() - started
+        peak = resident_peak_mb() - before
+        results[name] = (seconds, estimate)
+        print(
+            f"{name}: {seconds:8.2f} s  {count / seconds:8.3f} sentences/s  peak memory +{peak:7.0f} MB  "
+            f"mean log p(x) {estimate.mean:.3f} +- {estimate.standard_error:.3f}  ({options})",
+            flush=True,
+        )
+    (old_seconds, old), (new_seconds, new) = results["old"], results["new"]
+    spread = 4 * math.sqrt(old.standard_error**2 + new.standard_error**2) + 1e-3
+    if abs(old.mean - new.mean) > spread:
+        raise SystemExit(f"the two paths disagree: {old.mean:.4f} and {new.mean:.4f} (more than {spread:.4f} apart)")
+    print(f"sentence_speedup={old_seconds / new_seconds:.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--particles", default="100,1000", help="comma-separated K values (default 100,1000)")
@@ -68,7 +170,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--devices", default="auto", help="comma-separated, or auto: cpu, and cuda when available")
     parser.add_argument("--run", help="a run folder: use its model, guide and test images instead of random ones")
+    parser.add_argument("--sentences", action="store_true", help="the sentence VAE at the reviews sizes: old against new path")
+    parser.add_argument("--memory-gb", type=float, default=1.0, help="the sentence path's memory budget (evaluate.memory_gb)")
+    parser.add_argument("--tiny", action="store_true", help="with --sentences: tiny networks and data (a smoke run)")
     args = parser.parse_args()
+    if args.sentences:
+        sentence_main(args)
+        return
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if args.devices == "auto" else args.devices.split(",")
     model, guide, data = build(args)
     images = int(data["x"].shape[0])

@@ -179,3 +179,18 @@ def test_a_text_run_reports_the_standard_error_and_the_reconstruction_f1(tmp_pat
     assert final["particles"] == 50  # EvaluateConfig.SENTENCE_PARTICLES
     assert 0 < final["test_nll_standard_error"] < 5 and 1 <= final["test_effective_sample_size"] <= 50
     assert 0 <= final["test_prior_draw_f1"] <= 1 and 0 <= final["test_reconstruction_f1"] <= 1
+
+
+def test_the_throughput_benchmark_compares_both_paths_on_tiny_sentences():
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "eval_throughput.py"
+    run = subprocess.run(
+        [sys.executable, str(script), "--sentences", "--tiny", "--images", "6", "--particles", "40"], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert re.search(r"^old: .* sentences/s  peak memory \+", run.stdout, re.M) and re.search(r"^new: ", run.stdout, re.M)
+    assert re.fullmatch(r"sentence_speedup=\d+\.\d+", run.stdout.splitlines()[-1])
