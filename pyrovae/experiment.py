@@ -347,7 +347,9 @@ class Experiment:
             self._check_run_folder(run_dir, resume)
             self._keep_vocabulary(run_dir, resume)
             (run_dir / RUN_MARKER).touch()
-            write_text_atomically(config_path, dump_toml(self.config))
+            # Text loaders say which split they made (files, random or tail validation, limit).
+            split_note = getattr(self.data, "split_note", "")
+            write_text_atomically(config_path, (f"# data split: {split_note}\n" if split_note else "") + dump_toml(self.config))
             for note in self.setting_notes():
                 print(f"pyrovae: note: {note}", file=sys.stderr)
             return read_run_files(run_dir)

@@ -77,6 +77,32 @@ TOKEN_PATTERN = re.compile(
 )
 
 
+TOKENIZERS = ("regex", "whitespace")
+
+
+def tokenize_with(text: str, tokenizer: str = "regex", unk_token: str | None = None) -> list[str]:
+    """``text`` cut into tokens by ``tokenizer``:
+
+    - ``"regex"`` (the default): :func:`tokenize`, lower-cased;
+    - ``"whitespace"``: split on whitespace only, nothing else changed, for corpora that come
+      tokenized (Penn Treebank, Yahoo, Yelp as Yang et al. 2017 and He et al. 2019 use them).
+
+    ``unk_token``: the corpus's own marker of an unknown word (e.g. ``"<unk>"``). Each occurrence
+    becomes one ``<unk>`` token, which the vocabulary encodes as :data:`UNK`, instead of being cut
+    into ``<``, ``unk``, ``>`` and counted as words."""
+    if tokenizer not in TOKENIZERS:
+        raise ConfigError(f"data.tokenizer = {tokenizer!r} is not allowed: choose one of {', '.join(TOKENIZERS)}")
+    cut = tokenize if tokenizer == "regex" else str.split
+    if not unk_token:
+        return cut(text)
+    tokens: list[str] = []
+    for number, piece in enumerate(text.split(unk_token)):
+        if number:
+            tokens.append(SPECIAL_TOKENS[UNK])
+        tokens.extend(cut(piece))
+    return tokens
+
+
 def tokenize(text: str) -> list[str]:
     """Lower-case ``text`` and cut it into tokens with :data:`TOKEN_PATTERN`:
 
@@ -263,6 +289,8 @@ class TextSplits(DataSplits):
 
     vocabulary: Vocabulary | None = None
     pool_batches: int = POOL_BATCHES
+    # Which split the loader made (files, random or tail validation, limit), for the run's config.toml.
+    split_note: str = ""
 
     def __post_init__(self):
         if isinstance(self.pool_batches, bool) or not isinstance(self.pool_batches, int) or self.pool_batches < 1:
@@ -364,6 +392,43 @@ def _count(amount: int | float, total: int, option: str) -> int:
     return int(round(amount * total)) if isinstance(amount, float) and amount < 1 else int(amount)
 
 
+def validation_rows(validation, count: int, seed: int, what: str) -> tuple[list[int], list[int], str]:
+    """(held-out rows, kept rows, a note saying which) of ``count`` training sentences:
+
+    - a fraction in (0, 1) or a count: that many, drawn with ``seed`` (:func:`_hold_out`);
+    - ``"tail"``: the last 10% of the file; ``"tail:N"`` / ``"tail:F"``: its last N lines, or its
+      last fraction F; a negative count ``-N``: its last N lines. Researchers' fixed splits
+      (the last lines as validation) are reproduced exactly this way."""
+    tail = None
+    if isinstance(validation, str):
+        spec = validation.strip()
+        if spec == "tail":
+            tail = 0.1
+        elif spec.startswith("tail:"):
+            try:
+                number = float(spec[5:])
+            except ValueError:
+                number = None
+            if number is None or not (0 < number < 1 or (number >= 1 and number.is_integer())):
+                raise ConfigError(f"data.validation = {validation!r}: write tail:N (the last N lines) or tail:F (a fraction in (0, 1))")
+            tail = number if number < 1 else int(number)
+        else:
+            raise ConfigError(
+                f"data.validation = {validation!r} is not allowed: a fraction in (0, 1), a count of rows (random, with data.seed), "
+                "\"tail\", \"tail:N\" or a negative count -N (the last lines of the file)"
+            )
+    elif isinstance(validation, int) and not isinstance(validation, bool) and validation < 0:
+        tail = -validation
+    if tail is None:
+        held = _count(validation, count, "validation")
+        held_out, kept = _hold_out(count, held, seed, what)
+        return held_out, kept, f"validation: {held} sentences drawn at random from the training file with seed {seed}"
+    held = int(round(tail * count)) if isinstance(tail, float) else tail
+    if not 0 < held < count:
+        raise DataError(f"{what} must leave examples on both sides: the last {held} of {count} sentences")
+    return list(range(count - held, count)), list(range(count - held)), f"validation: the last {held} sentences of the training file"
+
+
 def _hold_out(count: int, held: int, seed: int, what: str) -> tuple[list[int], list[int]]:
     """(held-out rows, kept rows), each in file order: ``held`` rows chosen with ``seed``, by the
     same draw as :func:`pyrovae.data.make_splits` uses."""
@@ -440,30 +505,48 @@ class _TextOptions:
     max_size: int
     vocabulary: Path | None
     limit: int
-    validation: int | float
+    validation: int | float | str
     seed: int
+    tokenizer: str = "regex"
+    unk_token: str | None = None
 
     def check(self) -> None:
         if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 2:
-            raise ConfigError(f"data.max_length must be an integer >= 2 (a word and <eos>), got {self.max_length!r}")
+            raise ConfigError(
+                f"data.max_length must be an integer >= 2: it counts a row's ids including its <eos> (a word and <eos>), got {self.max_length!r}"
+            )
+        if self.tokenizer not in TOKENIZERS:
+            raise ConfigError(f"data.tokenizer = {self.tokenizer!r} is not allowed: choose one of {', '.join(TOKENIZERS)}")
+        if self.unk_token is not None and (not isinstance(self.unk_token, str) or not self.unk_token or any(c.isspace() for c in self.unk_token)):
+            raise ConfigError(f"data.unk_token must be the corpus's unknown-word marker, a word without spaces (e.g. \"<unk>\"), got {self.unk_token!r}")
         if isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 0:
             raise ConfigError(f"data.limit must be an integer >= 0 (0: every training sentence), got {self.limit!r}")
         _check_vocabulary_settings(self.min_count, self.max_size)
 
 
 def _build_splits(
-    name: str, train: _Corpus, valid: _Corpus | None, test: _Corpus, options: _TextOptions, num_classes: int | None = None
+    name: str,
+    train: _Corpus,
+    valid: _Corpus | None,
+    test: _Corpus,
+    options: _TextOptions,
+    num_classes: int | None = None,
+    split_note: str = "",
 ) -> TextSplits:
     """Carve ``valid`` off ``train`` if missing, apply ``limit``, build (or load) the vocabulary
     from the training split only, encode every split and pad it with :func:`sequence_splits`."""
     if valid is None:
-        held = _count(options.validation, len(train.sentences), "validation")
-        held_out, kept = _hold_out(len(train.sentences), held, options.seed, f"{name}: data.validation = {options.validation!r}")
+        held_out, kept, note = validation_rows(options.validation, len(train.sentences), options.seed, f"{name}: data.validation = {options.validation!r}")
         train, valid = train.rows(kept), train.rows(held_out)
+        split_note = split_note or note
     if options.limit:
         train = train.rows(range(min(options.limit, len(train.sentences))))
+        split_note += f"; training: its first {len(train.sentences)} sentences (data.limit)"
     corpora = {"train": train, "valid": valid, "test": test}
-    tokens = {split: [tokenize(sentence) for sentence in corpus.sentences] for split, corpus in corpora.items()}
+    tokens = {
+        split: [tokenize_with(sentence, options.tokenizer, options.unk_token) for sentence in corpus.sentences]
+        for split, corpus in corpora.items()
+    }
     if options.vocabulary is not None:
         vocabulary = Vocabulary.load(options.vocabulary)
     else:
@@ -483,7 +566,10 @@ def _build_splits(
         num_classes=num_classes,
         name=name,
     )
-    return TextSplits(spec=splits.spec, train=splits.train, valid=splits.valid, test=splits.test, vocabulary=vocabulary)
+    sizes = ", ".join(f"{split} {len(corpus.sentences)}" for split, corpus in corpora.items())
+    return TextSplits(
+        spec=splits.spec, train=splits.train, valid=splits.valid, test=splits.test, vocabulary=vocabulary, split_note=f"{split_note} ({sizes})"
+    )
 
 
 @DATASETS.register("text")
@@ -493,7 +579,7 @@ def text_corpus(
     valid: Path | None = None,
     test: Path | None = None,
     file: Path | None = None,
-    validation: int | float = 0.1,
+    validation: int | float | str = 0.1,
     test_fraction: int | float = 0.1,
     max_length: int = 60,
     min_count: int = 1,
@@ -501,6 +587,8 @@ def text_corpus(
     vocabulary: Path | None = None,
     limit: int = 0,
     seed: int = 0,
+    tokenizer: str = "regex",
+    unk_token: str | None = None,
 ) -> TextSplits:
     """Sentences, one per line of UTF-8 text files (blank lines skipped), from one of:
 
@@ -510,14 +598,19 @@ def text_corpus(
       fraction of the whole file in (0, 1), or a count of lines) and the training rest.
 
     Without a validation file, a ``validation`` fraction (or count) of the training sentences is
-    held out with ``seed``. Every split keeps its file order. ``limit > 0`` keeps only the first
+    held out with ``seed``; ``validation = "tail"`` (the last 10%), ``"tail:N"`` or ``-N`` holds
+    out the last lines instead (:func:`validation_rows`). Every split keeps its file order; the run
+    folder's ``config.toml`` says in a comment which split was made. ``tokenizer``: ``"regex"``
+    (:func:`tokenize`, the default) or ``"whitespace"`` (pre-tokenized corpora); ``unk_token``: the
+    corpus's own unknown-word marker, read as ``<unk>`` (:func:`tokenize_with`). ``limit > 0`` keeps only the first
     ``limit`` training sentences (quick runs). The vocabulary is built from the training split
     (``min_count``, ``max_size`` counting the 4 special tokens; 0 = no cap), or read from a saved
-    ``vocabulary`` file. Rows are at most ``max_length`` ids, the last one ``<eos>``.
+    ``vocabulary`` file. Rows are at most ``max_length`` ids counting the ``<eos>`` that ends each
+    (so at most ``max_length - 1`` words).
 
     Registered as ``name = "text"`` (the python name differs so that it does not hide the module
     :mod:`pyrovae.data.text`)."""
-    options = _TextOptions(max_length, min_count, max_size, vocabulary, limit, validation, seed)
+    options = _TextOptions(max_length, min_count, max_size, vocabulary, limit, validation, seed, tokenizer, unk_token)
     options.check()
     forms = {"dir": dir is not None, "train/valid/test": any(p is not None for p in (train, valid, test)), "file": file is not None}
     chosen = [form for form, given in forms.items() if given]
@@ -525,6 +618,11 @@ def text_corpus(
         given = f"got {' and '.join(chosen)}" if chosen else "got none"
         raise ConfigError(f"data set 'text' needs exactly one of data.dir, data.train/valid/test or data.file; {given}")
     if file is not None:
+        if isinstance(validation, str) or (isinstance(validation, int) and validation < 0):
+            raise ConfigError(
+                f"data.validation = {validation!r} takes the last lines of a training file; with data.file the splits are "
+                "drawn at random: give a fraction or a count, or separate train/valid/test files"
+            )
         every = _Corpus(read_sentences(file))
         count = len(every.sentences)
         held_test = _count(test_fraction, count, "test_fraction")
@@ -536,7 +634,10 @@ def text_corpus(
             )
         order = torch.randperm(count, generator=torch.Generator().manual_seed(options.seed)).tolist()
         test_rows, valid_rows, train_rows = order[:held_test], order[held_test : held_test + held_valid], order[held_test + held_valid :]
-        return _build_splits("text", every.rows(sorted(train_rows)), every.rows(sorted(valid_rows)), every.rows(sorted(test_rows)), options)
+        note = f"splits: test, validation and training drawn at random from {Path(file).name} with seed {options.seed}"
+        return _build_splits(
+            "text", every.rows(sorted(train_rows)), every.rows(sorted(valid_rows)), every.rows(sorted(test_rows)), options, split_note=note
+        )
     if dir is not None:
         folder = Path(dir).expanduser()
         if not folder.is_dir():
@@ -552,19 +653,22 @@ def text_corpus(
         None if valid is None else _Corpus(read_sentences(valid)),
         _Corpus(read_sentences(test)),
         options,
+        split_note="" if valid is None else f"validation: the file {Path(valid).name}",
     )
 
 
 @DATASETS.register("reviews")
 def reviews(
     dir: Path | None = None,
-    validation: int | float = 0.1,
+    validation: int | float | str = 0.1,
     max_length: int = 60,
     min_count: int = 1,
     max_size: int = 20000,
     vocabulary: Path | None = None,
     limit: int = 0,
     seed: int = 0,
+    tokenizer: str = "regex",
+    unk_token: str | None = None,
 ) -> TextSplits:
     """Women's e-commerce clothing reviews (Kaggle, CC0): ``train.tsv``, ``test.tsv`` and optionally
     ``valid.tsv`` in ``dir``, each with header ``rating<TAB>class<TAB>text`` and one review per
@@ -574,7 +678,7 @@ def reviews(
     (the project's copy is in ``shared/data/reviews``: 18,641 / 2,000 / 2,000 reviews). Without
     ``valid.tsv`` a ``validation`` share of the training reviews is held out with ``seed``. The
     other options are those of :func:`text_corpus`."""
-    options = _TextOptions(max_length, min_count, max_size, vocabulary, limit, validation, seed)
+    options = _TextOptions(max_length, min_count, max_size, vocabulary, limit, validation, seed, tokenizer, unk_token)
     options.check()
     if dir is None:
         raise ConfigError(
@@ -593,4 +697,5 @@ def reviews(
         return _Corpus(texts, [rating - 1 for rating in ratings])
 
     valid = corpus("valid.tsv") if (folder / "valid.tsv").exists() else None
-    return _build_splits("reviews", corpus("train.tsv"), valid, corpus("test.tsv"), options, num_classes=REVIEWS_CLASSES)
+    note = "" if valid is None else "validation: the file valid.tsv"
+    return _build_splits("reviews", corpus("train.tsv"), valid, corpus("test.tsv"), options, num_classes=REVIEWS_CLASSES, split_note=note)
