@@ -4,14 +4,15 @@ measures (KL per dimension, active units, I(x; z)) and the run's training record
 
 Verdicts, in the order they are tried:
 
-- **collapsed**: the KL of every continuous site and I(x; z) are near 0 (below
-  ``COLLAPSED_NATS``): q(z | x) is the prior for every x and the decoder ignores z.
+- **collapsed**: I(x; z) is near 0 (below ``COLLAPSED_NATS``) and either the KL is near 0 too
+  (q(z | x) is the prior for every x) or no unit is active (the KL is paid to move q(z | x) off
+  the prior alike for every x, as free bits allow, not to encode x): the decoder ignores z.
 - **lagging guide** (He et al. 2019): over training after the KL weight stopped changing, the
   guide's information (``valid/mutual_information`` where the run recorded it, else the validation
   KL, an upper bound on it) fell below half its peak while the validation ELBO kept improving: the
   model learns to do without z faster than the guide learns to encode x.
-- **partly collapsed**: n of d dimensions carry information (KL_d > ``INFORMATIVE_NATS``); the
-  others are the prior.
+- **partly collapsed**: n of d dimensions carry information (KL_d > ``INFORMATIVE_NATS`` and
+  active: Cov_x E_q[z_d | x] above the active-unit threshold); the others do not.
 - **healthy**: every dimension carries information and the information did not fall in training.
 
 The numbers behind a verdict are in the returned :class:`CollapseDiagnosis` and the report.
@@ -66,6 +67,7 @@ class SiteUse:
     kl_per_dimension: list[float]
     active: int
     dims: int
+    active_mask: list[bool] = field(default_factory=list)
 
     @property
     def kl(self) -> float:
@@ -73,7 +75,9 @@ class SiteUse:
 
     @property
     def informative(self) -> int:
-        return int(sum(value > INFORMATIVE_NATS for value in self.kl_per_dimension))
+        """Dimensions with KL_d > INFORMATIVE_NATS whose guide mean moves with x (active)."""
+        mask = self.active_mask if len(self.active_mask) == len(self.kl_per_dimension) else [True] * len(self.kl_per_dimension)
+        return int(sum(value > INFORMATIVE_NATS and moving for value, moving in zip(self.kl_per_dimension, mask)))
 
     @property
     def strong(self) -> int:
@@ -171,7 +175,8 @@ def diagnose_collapse(
     for name, values in kl.items():
         per_dim = np.atleast_1d(np.asarray(getattr(values, "values", values), dtype=np.float64)).reshape(-1).tolist()
         act = np.atleast_1d(np.asarray(activity.get(name, []), dtype=np.float64)).reshape(-1)
-        sites.append(SiteUse(name, per_dim, int((act > active_threshold).sum()), len(per_dim)))
+        mask = (act > active_threshold).tolist() if act.size == len(per_dim) else []
+        sites.append(SiteUse(name, per_dim, int((act > active_threshold).sum()), len(per_dim), mask))
     ceiling = math.log(count) if count > 1 else 0.0
     trend = information_trend(history, [site.site for site in sites])
     total = float(sum(site.kl for site in sites))
@@ -180,8 +185,16 @@ def diagnose_collapse(
     dims = sum(site.dims for site in sites)
     if not sites:
         return CollapseDiagnosis("healthy", "the pair has no continuous latent to collapse", sites, mi, ceiling, trend)
-    if total < COLLAPSED_NATS and (mi is None or mi < COLLAPSED_NATS):
-        reason = f"KL {total:.3f} nats" + (f" and I(x; z) {mi:.3f} nats" if mi is not None else "") + f" are near 0 (below {COLLAPSED_NATS}): q(z | x) is the prior for every x"
+    active = sum(site.active for site in sites)
+    quiet = mi is None or mi < COLLAPSED_NATS
+    if quiet and (total < COLLAPSED_NATS or (mi is not None and active == 0)):
+        if total < COLLAPSED_NATS:
+            reason = f"KL {total:.3f} nats" + (f" and I(x; z) {mi:.3f} nats" if mi is not None else "") + f" are near 0 (below {COLLAPSED_NATS}): q(z | x) is the prior for every x"
+        else:
+            reason = (
+                f"I(x; z) is {mi:.3f} nats and no unit is active, although the KL is {total:.3g} nats: the KL moves q(z | x) off "
+                "the prior alike for every x (free bits allow this) instead of encoding x"
+            )
         if trend is not None and trend.fell_while_elbo_improved():
             reason += f"; {trend.measure} fell from {trend.peak:.3g} while the ELBO improved (a lagging guide, He et al. 2019)"
         return CollapseDiagnosis("collapsed", reason, sites, mi, ceiling, trend)
@@ -192,6 +205,6 @@ def diagnose_collapse(
         )
         return CollapseDiagnosis("lagging guide", reason, sites, mi, ceiling, trend)
     if informative < dims:
-        reason = f"{informative} of {dims} dimensions carry information (KL_d > {INFORMATIVE_NATS} nats); the others are the prior"
+        reason = f"{informative} of {dims} dimensions carry information (KL_d > {INFORMATIVE_NATS} nats and active); the others do not"
         return CollapseDiagnosis("partly collapsed", reason, sites, mi, ceiling, trend)
-    return CollapseDiagnosis("healthy", f"all {dims} dimensions carry information (KL_d > {INFORMATIVE_NATS} nats)", sites, mi, ceiling, trend)
+    return CollapseDiagnosis("healthy", f"all {dims} dimensions carry information (KL_d > {INFORMATIVE_NATS} nats and active)", sites, mi, ceiling, trend)

@@ -173,7 +173,7 @@ def write_analysis(
             name: {"mean": np.atleast_1d(m["mean"].values).reshape(-1).round(5).tolist(), "std": np.atleast_1d(m["std"].values).reshape(-1).round(5).tolist()}
             for name, m in moments.items()
         },
-        "dims_above_0.05_nats": diagnosis.as_dict()["informative_dims"],
+        "informative_dims": diagnosis.as_dict()["informative_dims"],
         "dims_above_0.5_nats": diagnosis.as_dict()["strong_dims"],
         "collapse": diagnosis.as_dict(),
         "warnings": warnings,
@@ -280,7 +280,10 @@ def _report_text(numbers, metrics, kl, activity, moments, summary, idata, psis, 
             f"{numbers['importance_ess_median']:.1f} / {numbers['importance_ess_min']:.1f}",
         ),
         (f"active units (Cov_x E_q[z_d] > {ACTIVE_UNIT_THRESHOLD})", f"{numbers['active_units']} of {numbers['latent_dims']}"),
-        (f"dimensions with KL_d > {INFORMATIVE_NATS} / > {STRONG_NATS} nats", f"{numbers['dims_above_0.05_nats']} / {numbers['dims_above_0.5_nats']}"),
+        (
+            f"dimensions carrying information (KL_d > {INFORMATIVE_NATS} nats, active) / with KL_d > {STRONG_NATS} nats",
+            f"{numbers['informative_dims']} / {numbers['dims_above_0.5_nats']}",
+        ),
         ("mutual information I(x; z) (nats; at most log N = %.2f)" % numbers["mutual_information_upper_bound"], numbers["mutual_information"]),
     ]
     rows += [(f"KL(q({site} | x) || p({site})) (nats)", total) for site, total in numbers["kl"].items()]
@@ -346,7 +349,8 @@ def _collapse_section(diagnosis, numbers) -> str:
         for site in diagnosis.sites
     ]
     if rows:
-        text += markdown_table(["site", "KL (nats)", f"dims with KL_d > {INFORMATIVE_NATS}", f"dims with KL_d > {STRONG_NATS}", "active units"], rows) + "\n"
+        headers = ["site", "KL (nats)", f"dims carrying information (KL_d > {INFORMATIVE_NATS}, active)", f"dims with KL_d > {STRONG_NATS}", "active units"]
+        text += markdown_table(headers, rows) + "\n"
     if mi is not None:
         ceiling = diagnosis.mutual_information_ceiling
         text += (
