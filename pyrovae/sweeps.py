@@ -5,6 +5,7 @@ Layout of ``--out``::
 
     sweep.json                    what the last sweep command asked for (experiments, grid, seeds, --set)
     summary.md, summary.csv       mean ± std over seeds of every final.json metric, per grid point
+    <grid point>/summary.md, .csv the same for one grid point
     <grid point>/seed<S>/         an ordinary run folder (evaluate, analyze, --resume work on it),
                                   plus train.log (the run's messages) and sweep.json (its sessions)
 
@@ -531,15 +532,16 @@ def summary_markdown(sweep: Sweep, groups: list[GroupSummary]) -> str:
         ),
     ]
     for group in groups:
-        lines += ["", f"## {group.group}", ""]
-        if group.missing:
-            lines.append(f"Not finished: {', '.join(group.missing)}.\n")
-        seeds = [seed for seed in group.seeds if seed not in group.missing]
-        rows = [
-            [metric, group.cell(metric), *(_number(group.values[metric].get(seed)) for seed in seeds)] for metric in _metrics([group])
-        ]
-        lines.append(_table(["metric", "mean ± std", *seeds], rows) if rows else "No finished run yet.")
+        lines += ["", f"## {group.group}", "", group_markdown(group)]
     return "\n".join(lines) + "\n"
+
+
+def group_markdown(group: GroupSummary) -> str:
+    """One grid point's table: every metric's mean ± std and each seed's value."""
+    seeds = [seed for seed in group.seeds if seed not in group.missing]
+    rows = [[metric, group.cell(metric), *(_number(group.values[metric].get(seed)) for seed in seeds)] for metric in _metrics([group])]
+    missing = f"Not finished: {', '.join(group.missing)}.\n\n" if group.missing else ""
+    return missing + (_table(["metric", "mean ± std", *seeds], rows) if rows else "No finished run yet.")
 
 
 def write_summary(sweep: Sweep) -> tuple[Path, Path]:
@@ -548,5 +550,10 @@ def write_summary(sweep: Sweep) -> tuple[Path, Path]:
     markdown, table = sweep.out / SUMMARY_MD, sweep.out / SUMMARY_CSV
     markdown.write_text(summary_markdown(sweep, groups))
     table.write_text(summary_csv(groups))
+    for group in groups:  # and each grid point's own, beside its seeds' folders
+        folder = sweep.out / group.group
+        if folder.is_dir():
+            (folder / SUMMARY_MD).write_text(f"# {group.group}\n\n{group_markdown(group)}\n")
+            (folder / SUMMARY_CSV).write_text(summary_csv([group]))
     return markdown, table
 

@@ -105,6 +105,7 @@ def test_a_sweep_killed_and_run_again_skips_finished_points_and_resumes_the_othe
     )
     markdown = (out / "summary.md").read_text()
     assert "| base | 2/2 |" in markdown and "test_elbo" in markdown
+    assert (out / "base" / "summary.csv").read_text() == (out / "summary.csv").read_text()  # the one grid point's own
     # Regenerated from the folders, also on its own.
     (out / "summary.md").unlink()
     assert main(["sweep", str(experiment), "--out", str(out), "--seeds", "0-1", "--summary-only"]) == 0
