@@ -1,4 +1,4 @@
-"""Command line: ``pyrovae train | evaluate | sample | analyze | active-units | multilabel | sweep | tune``.
+"""Command line: ``pyrovae train | evaluate | sample | reconstruct | interpolate | analyze | active-units | multilabel | sweep | tune``.
 
 Every command of the project is here; library modules have no ``main()`` of their own. A command
 opens a run folder through :class:`~pyrovae.experiment.Experiment` and calls analysis functions,
@@ -45,6 +45,36 @@ def _count(low: int, meaning: str = ""):
         return value
 
     return parse
+
+
+def _decoded_sentences(args, overrides) -> list[str]:
+    """``pyrovae sample --method``, ``reconstruct`` and ``interpolate``: sentences of a text run."""
+    from pyrovae.analysis import decoding
+
+    experiment = Experiment.from_run(args.run_dir, overrides, command=args.command)
+    experiment.load_parameters(args.run_dir, args.checkpoint)
+    vocabulary, model, guide = getattr(experiment.data, "vocabulary", None), experiment.model, experiment.guide
+    if vocabulary is None:
+        raise ConfigError(f"{args.run_dir} is not a text run (no vocabulary): {args.command} decodes sentences")
+    if args.temperature <= 0:
+        raise ConfigError(f"--temperature {args.temperature} is not allowed: it must be > 0")
+    method = args.method or "greedy"
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
+    options = decoding.decoding_options(method, args.beam, args.temperature, generator)
+    inputs = experiment.inputs()
+    torch.manual_seed(args.seed)
+    if args.command == "sample":
+        label = experiment.sentence_batch(["x"], args.label).get("y") if getattr(model, "conditions_on_label", False) else None
+        y = None if label is None else label.expand(args.count)
+        rows = decoding.prior_sentences(model, args.count, method, y=y, **{"generator": generator, **options})
+    elif args.command == "reconstruct":
+        text = sys.stdin.read() if args.input == "-" else Path(args.input).read_text(encoding="utf-8")
+        batch = experiment.sentence_batch([line for line in text.splitlines() if line.strip()], args.label)
+        rows = decoding.reconstruct(model, guide, batch, method, use_mean=not args.draw, inputs=inputs, **options)
+    else:
+        first, second = (experiment.sentence_batch([sentence], args.label) for sentence in args.sentences)
+        rows = decoding.homotopy(model, guide, first, second, steps=args.steps, method=method, inputs=inputs, **options)
+    return [decoding.sentence_text(vocabulary, ids) for ids in rows]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -106,7 +136,15 @@ def _parser() -> argparse.ArgumentParser:
         "prior_samples, test_rows and reconstructions, as integer rows drawn from p(x|z) for discrete data such as "
         "tokens (cut to the rows' lengths) and as means of p(x|z) otherwise"
     )
-    sample = commands.add_parser("sample", help=sample_help, description=sample_help)
+    decoding = argparse.ArgumentParser(add_help=False)
+    decoding.add_argument("--method", choices=["greedy", "beam", "sample"], help="how to decode sentences (text runs; default greedy)")
+    decoding.add_argument("--beam", type=_count(1), default=5, help="beam size of --method beam (default 5)")
+    decoding.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of --method sample (default 1)")
+    decoding.add_argument("--seed", type=int, default=0, help="seed of the prior draws and sampled words (default 0)")
+    decoding.add_argument("--label", type=int, help="the label y a label-conditioned model decodes with")
+
+    sample_help += "; with --method (text runs), print --count sentences decoded from prior draws instead"
+    sample = commands.add_parser("sample", help=sample_help, description=sample_help, parents=[decoding])
     sample.add_argument("run_dir")
     sample.add_argument(
         "--out", help="output path (default: RUN_DIR/samples.png for images, RUN_DIR/samples.txt for text, RUN_DIR/samples.json otherwise)"
@@ -115,6 +153,24 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--count", type=_count(1), default=16, help="how many prior samples and test rows (default 16)")
     sample.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help=portable_help)
     sample.add_argument("--device", help=device_help)
+    def text_command(name: str, help_text: str):
+        command = commands.add_parser(name, help=help_text, description=help_text, parents=[decoding])
+        command.add_argument("run_dir")
+        command.add_argument("--checkpoint", choices=["best", "latest"], default="best")
+        command.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help=portable_help)
+        command.add_argument("--device", help=device_help)
+        return command
+
+    reconstruct = text_command(
+        "reconstruct", "text runs: print the reconstruction of each input sentence (one a line), decoded from the mean of q(z | x) or a draw"
+    )
+    reconstruct.add_argument("--input", required=True, help="a file of sentences, one a line, or - for standard input")
+    reconstruct.add_argument("--draw", action="store_true", help="decode a draw from q(z | x) instead of its mean")
+    interpolate = text_command(
+        "interpolate", "text runs: print the sentences decoded along the line between the posterior means of two sentences (a homotopy)"
+    )
+    interpolate.add_argument("sentences", nargs=2, metavar="SENTENCE")
+    interpolate.add_argument("--steps", type=_count(2), default=5, help="points on the line, both ends included (default 5)")
 
     analyze_help = (
         "posterior analysis of a run on its test split, written to RUN_DIR/analysis/: posterior.nc (ArviZ "
@@ -256,10 +312,13 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(metrics, indent=2))
             for line in experiment.evaluation_warnings(metrics):
                 print(f"pyrovae evaluate: {line}", file=sys.stderr)
-        elif args.command == "sample":
+        elif args.command == "sample" and args.method is None:
             experiment = Experiment.from_run(args.run_dir, overrides, command="sample")
             experiment.load_parameters(args.run_dir, args.checkpoint)
             print(experiment.write_samples(args.out, run_dir=args.run_dir, count=args.count))
+        elif args.command in ("sample", "reconstruct", "interpolate"):
+            for line in _decoded_sentences(args, overrides):
+                print(line)
         elif args.command == "analyze":
             experiment = Experiment.from_run(args.run_dir, overrides, command="analyze")
             which = args.checkpoint or experiment.evaluate_config.checkpoint

@@ -566,6 +566,27 @@ class Experiment:
             **{f"test_active_units/{name}": unit.active for name, unit in units.items()},
         }
 
+    def sentence_batch(self, sentences: list[str], label: int | None = None) -> dict:
+        """Sentences encoded as this run's data were (its vocabulary, ``data.tokenizer``,
+        ``data.unk_token``, ``data.max_length``), on the model's device; ``label`` gives every
+        row that label (``y``), which a label-conditioned model needs."""
+        from pyrovae.data.text import encode_sentences
+
+        vocabulary = getattr(self.data, "vocabulary", None)
+        if vocabulary is None:
+            raise ConfigError(f"data set {self.data.spec.name!r} has no vocabulary: only a text run reads sentences")
+        options = self.config["data"]
+        batch = encode_sentences(
+            vocabulary, sentences, options.get("max_length", self.data.spec.x_shape[0]), options.get("tokenizer", "regex"), options.get("unk_token")
+        )
+        if getattr(self.model, "conditions_on_label", False):
+            classes = self.data.spec.num_classes
+            if label is None or not 0 <= label < classes:
+                raise ConfigError(f"{type(self.model).__name__} decodes with a label: give --label in 0..{classes - 1}")
+            batch["y"] = torch.full((len(sentences),), label, dtype=torch.int64)
+        device = next(self.model.parameters()).device
+        return {key: value.to(device) for key, value in batch.items()}
+
     def write_samples(self, path: str | Path | None = None, run_dir: str | Path | None = None, count: int = 16) -> Path:
         """Prior samples and reconstructions of the first ``count`` test rows: a PNG grid for
         image data (``samples.png``), else JSON (``samples.json``; integer rows for discrete data)."""

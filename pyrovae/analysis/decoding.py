@@ -196,6 +196,17 @@ def _decoder(method: str) -> Callable:
     return METHODS[method]
 
 
+def decoding_options(method: str, beam_size: int = 5, temperature: float = 1.0, generator: torch.Generator | None = None) -> dict:
+    """The keyword options of ``method``'s decoder: ``beam_size`` for "beam", ``temperature`` and
+    ``generator`` for "sample", none for "greedy"."""
+    _decoder(method)
+    if method == "beam":
+        return {"beam_size": beam_size}
+    if method == "sample":
+        return {"temperature": temperature, "generator": generator}
+    return {}
+
+
 def posterior_latent(model, guide, batch: Mapping, use_mean: bool = True, inputs: Mapping | None = None) -> torch.Tensor | None:
     """z of each row of ``batch`` under the guide, in evaluation mode: the mean of q(z | x) (or,
     with ``use_mean = False``, one draw); None for a model without a latent."""
@@ -327,7 +338,8 @@ def reconstruction_f1(model, guide, batch: Mapping, inputs: Mapping | None = Non
     return {"test_reconstruction_f1": reconstructed / count, "test_prior_draw_f1": drawn / count}
 
 
-def _sentence(vocabulary, ids: list[int]) -> str:
+def sentence_text(vocabulary, ids: list[int]) -> str:
+    """The words of ``ids`` joined by spaces; "(empty sentence)" for none."""
     return " ".join(vocabulary.decode(ids)) or "(empty sentence)"
 
 
@@ -369,7 +381,7 @@ def write_text_samples(
 
     def section(heading: str, sentences: list[list[int]]) -> list[str]:
         tags = [f"[y={int(label)}] " for label in y] if y is not None else [""] * len(sentences)
-        return [f"== {heading} =="] + [tag + _sentence(vocabulary, ids) for tag, ids in zip(tags, sentences)] + [""]
+        return [f"== {heading} =="] + [tag + sentence_text(vocabulary, ids) for tag, ids in zip(tags, sentences)] + [""]
 
     name, latent = type(model).__name__, model.latent_size > 0
     prior = "Samples from the prior, " if latent else "Samples, "
@@ -388,10 +400,10 @@ def write_text_samples(
         lines += ["== Reconstructions (z = mean of q(z | x), greedy decoding) =="]
         for row, (original, decoded) in enumerate(zip(original_sentences(batch, count), rebuilt)):
             tag = f"[y={int(y[row])}] " if y is not None else ""
-            lines += [f"{tag}original:      {_sentence(vocabulary, original)}", f"reconstructed: {_sentence(vocabulary, decoded)}", ""]
+            lines += [f"{tag}original:      {sentence_text(vocabulary, original)}", f"reconstructed: {sentence_text(vocabulary, decoded)}", ""]
         if batch["x"].shape[0] >= 2:
             path_z = homotopy(model, guide, batch, rows_of(batch, slice(1, 2)), steps=5, max_length=max_length, inputs=inputs)
             lines += ["== Homotopy between the first two sentences (greedy decoding) =="]
-            lines += [f"{i / (len(path_z) - 1):.2f}  {_sentence(vocabulary, ids)}" for i, ids in enumerate(path_z)] + [""]
+            lines += [f"{i / (len(path_z) - 1):.2f}  {sentence_text(vocabulary, ids)}" for i, ids in enumerate(path_z)] + [""]
     path.write_text("\n".join(lines), encoding="utf-8")
     return path

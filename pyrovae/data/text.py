@@ -247,6 +247,26 @@ def _check_vocabulary_settings(min_count, max_size) -> None:
         raise ConfigError(f"data.max_size must be 0 (no cap) or an integer >= {smallest} (4 special tokens and a word), got {max_size!r}")
 
 
+def encode_sentences(
+    vocabulary: Vocabulary, sentences: Sequence[str], max_length: int, tokenizer: str = "regex", unk_token: str | None = None
+) -> Batch:
+    """Raw sentences as a loader with these options encodes them (:func:`tokenize_with`, then
+    :meth:`Vocabulary.encode_sentence`): a batch ``{"x", "lengths", "mask"}`` padded to the
+    longest row. A sentence without any token is a :class:`DataError` naming it."""
+    rows = []
+    for number, sentence in enumerate(sentences, 1):
+        tokens = tokenize_with(sentence, tokenizer, unk_token)
+        if not tokens:
+            raise DataError(f"sentence {number} ({sentence!r}) holds no token to encode")
+        rows.append(vocabulary.encode_sentence(tokens, max_length))
+    if not rows:
+        raise DataError("no sentences to encode")
+    longest = max(len(row) for row in rows)
+    x = torch.tensor([row + [PAD] * (longest - len(row)) for row in rows], dtype=torch.int64)
+    lengths = torch.tensor([len(row) for row in rows], dtype=torch.int64)
+    return {"x": x, "lengths": lengths, "mask": torch.arange(longest) < lengths.unsqueeze(-1)}
+
+
 def bucketed_batches(order: torch.Tensor, lengths: torch.Tensor, batch_size: int, pool_batches: int = POOL_BATCHES) -> list[torch.Tensor]:
     """The epoch's batches of row indices (host tensors) for one permutation ``order`` of the
     rows, each holding rows of similar ``lengths``:
