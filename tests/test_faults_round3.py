@@ -353,3 +353,10 @@ def test_reading_a_run_that_is_training_says_the_checkpoint_may_be_older(tmp_pat
     assert "is training now (another process holds its lock); this reads best.pt as of epoch" in err
     code, out, err = _run_cli(capsys, "evaluate", str(run), "--no-progress", "--particles", "2")
     assert "training now" not in err
+
+
+def test_the_readme_says_what_a_run_folder_can_still_run():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("#### Run folders and experiments are code", 1)[1].split("\n## ", 1)[0]
+    assert "before anything is called" in section and "os:system" in section
+    assert "importing a" in section and "trust_remote_code" in section and "@pyrovae.data_loader" in section
