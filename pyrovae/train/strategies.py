@@ -13,7 +13,7 @@ aggressive mode is on, each model update is preceded by guide-only updates
 
 where batch_0 is the model step's own batch and batch_1, batch_2, ... are fresh random batches of
 the training split. Every ``m = aggressive_check_every`` inner steps the mean inner loss of those
-m steps is compared with that of the m before it; the inner loop ends when it no longer falls, or
+m steps (per word for sequences, as He et al. normalise it) is compared with that of the m before it; the inner loop ends when it no longer falls, or
 after ``aggressive_max_steps`` inner steps. Then the model step updates theta only, on batch_0:
 
     theta <- theta - lr * grad_theta L(theta, phi; batch_0).
@@ -67,6 +67,17 @@ def frozen(parameters: list[torch.nn.Parameter]):
             parameter.requires_grad_(flag)
 
 
+def tokens_per_row(batch) -> torch.Tensor | float:
+    """rows / tokens of a batch of sequences (from ``lengths``, else ``mask``); 1.0 without either."""
+    lengths = batch.get("lengths")
+    if not torch.is_tensor(lengths):
+        mask = batch.get("mask")
+        if not torch.is_tensor(mask):
+            return 1.0
+        lengths = mask.sum(-1)
+    return lengths.shape[0] / lengths.sum().clamp(min=1)
+
+
 class AggressiveGuideUpdates:
     """Guide-only steps before each model step while aggressive mode is on (see the module text)."""
 
@@ -90,11 +101,15 @@ class AggressiveGuideUpdates:
         inputs = training.schedules.input_values(state.step) if training.schedules.inputs else {}
         autocast = training.autocast
 
+        per_word = bool(getattr(training.data.spec, "variable_length", False))
+
         def step_on(inner_batch) -> torch.Tensor:
             with kl_scale_unless_one(beta, by_site), (autocast() if autocast is not None else contextlib.nullcontext()):
                 loss, _ = objective(model, guide, inner_batch)
             loss.backward()
-            return loss.detach()
+            # He et al.'s stopping rule compares the loss per word: a batch of long sentences has a
+            # larger loss per sentence, which would otherwise read as the guide getting worse.
+            return loss.detach() * (tokens_per_row(inner_batch) if per_word else 1.0)
 
         def draw_batch():
             return {**training.data.random_batch("train", config.batch_size), **inputs}

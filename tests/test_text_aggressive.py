@@ -1,0 +1,31 @@
+"""Aggressive training on sentences (He et al. 2019): the inner loop's stopping rule compares the
+loss per word, so batches of long sentences do not read as the guide getting worse."""
+
+import torch
+
+from pyrovae.train.strategies import AggressiveGuideUpdates, tokens_per_row
+
+
+def test_tokens_per_row_turns_a_loss_per_sentence_into_one_per_word():
+    lengths = torch.tensor([3, 5, 4])
+    assert float(tokens_per_row({"lengths": lengths})) == 3 / 12
+    assert float(tokens_per_row({"mask": torch.arange(5) < lengths.unsqueeze(-1)})) == 3 / 12
+    assert tokens_per_row({"x": torch.zeros(3, 4)}) == 1.0
+
+
+def test_the_inner_loop_reads_per_word_losses_across_batches_of_different_lengths():
+    # Per sentence the loss doubles with a batch twice as long; per word it falls: the loop goes on.
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([{"params": [parameter], "name": "guide"}, {"params": [], "name": "model"}], lr=0.0)
+    batches = iter([{"lengths": torch.tensor([10, 10])}] * 2 + [{"lengths": torch.tensor([20, 20])}] * 2 + [{"lengths": torch.tensor([20, 20])}] * 2)
+    per_sentence = iter([30.0, 30.0, 50.0, 50.0, 60.0, 60.0])
+
+    def step_on(batch):
+        loss = (parameter * 0).sum() + next(per_sentence)
+        loss.backward()
+        return loss.detach() * tokens_per_row(batch)
+
+    strategy = AggressiveGuideUpdates(check_every=2, max_steps=6, mi_examples=2)
+    first = next(batches)
+    # Per word: 1.5, 1.5 | 1.25, 1.25 | 1.5, 1.5 -> falls after the second window, stops at the third.
+    assert strategy.guide_steps(step_on, first, lambda: next(batches), optimizer, clip=float("inf")) == 6
