@@ -39,8 +39,12 @@ steps per model step (the run's ``train/guide_steps``).
 The aggressive epoch dominates the run time: at ``--steps 20 --epoch-sentences 640`` it took 5 of
 the 7 minutes on a 2-core machine busy with other training runs (steps of about 1.5 s, 1 thread).
 
+**Guide-only step.** One guide-only step (the model's parameters frozen, so no decoder weight
+gradients) against one full step of the same pair on the same batches, alternating:
+``guide_step_ratio`` is the median paired ratio (He et al.'s inner step; target <= 0.8).
+
 The last lines are ``aggressive_epoch_ratio=...``, ``aggressive_epoch_ratio_without_mi=...``,
-``guide_steps_per_model_step=...`` and ``step_ratio=...``.
+``guide_steps_per_model_step=...``, ``guide_step_ratio=...`` and ``step_ratio=...``.
 """
 
 from __future__ import annotations
@@ -251,6 +255,54 @@ def step_benchmark(data: TextSplits, sizes: Sizes, steps: int, warmup: int, devi
     return ratio
 
 
+def guide_step_benchmark(data: TextSplits, sizes: Sizes, steps: int, warmup: int, device: torch.device) -> float:
+    """One guide-only step of aggressive training against one full step of the same pair, on the
+    same batches, alternating: the guide-only step runs with the model's parameters frozen
+    (:func:`pyrovae.train.strategies.frozen`: no decoder weight gradients; the backward still
+    passes through the decoder's activations to reach z), clips and steps the guide only."""
+    from pyrovae.train.strategies import drop_gradients, frozen
+
+    pyro.enable_validation(False)
+    torch.distributions.Distribution.set_default_validate_args(False)
+    model, guide = pyrovae_pair(data, sizes, seed=0)
+    model.to(device)
+    guide.to(device)
+    objective = MeanFieldELBO()
+    optimizer = make_optimizer(model, guide, TrainConfig(epochs=1, batch_size=sizes.batch, lr=LR, clip_norm=CLIP, device=str(device)))
+    everything, model_parameters, guide_parameters = [*model.parameters(), *guide.parameters()], list(model.parameters()), list(guide.parameters())
+    torch.manual_seed(0)
+    batches = list(itertools.islice(data.batches("train", sizes.batch, shuffle=True), steps + warmup))
+
+    def full_step(batch):
+        optimizer.zero_grad(set_to_none=True)
+        loss, _ = objective(model, guide, batch)
+        adam_step(loss, optimizer, everything)
+
+    def guide_step(batch):
+        optimizer.zero_grad(set_to_none=True)
+        with frozen(model_parameters):
+            loss, _ = objective(model, guide, batch)
+            loss.backward()
+        drop_gradients(model_parameters)
+        torch.nn.utils.clip_grad_norm_(guide_parameters, CLIP)
+        optimizer.step()
+
+    runs = {"full": full_step, "guide-only": guide_step}
+    times = {name: [] for name in runs}
+    for index, batch in enumerate(itertools.islice(itertools.cycle(batches), steps + warmup)):
+        for name in runs if index % 2 == 0 else reversed(runs):
+            started = time.perf_counter()
+            runs[name](batch)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if index >= warmup:
+                times[name].append(time.perf_counter() - started)
+    ratio = statistics.median(a / b for a, b in zip(times["guide-only"], times["full"]))
+    median = {name: statistics.median(values) * 1e3 for name, values in times.items()}
+    print(f"guide-only step {median['guide-only']:.1f} ms  full step {median['full']:.1f} ms  median paired ratio {ratio:.3f}")
+    return ratio
+
+
 @contextlib.contextmanager
 def timed_mutual_information(seconds: list[float]):
     """Time the I(x; z) estimate that ends an aggressive epoch: the loop's record of the epoch's
@@ -367,6 +419,7 @@ def main(argv=None) -> dict[str, float]:
     if not args.skip_epochs:
         # The epochs first, so the step's printout sits next to its ratio line.
         results = epoch_benchmark(data, sizes, args.epoch_repeats, args.check_every, args.max_inner_steps, args.mi_examples, device)
+    results["guide_step_ratio"] = guide_step_benchmark(data, sizes, args.steps, args.warmup, device)
     results["step_ratio"] = step_benchmark(data, sizes, args.steps, args.warmup, device)
     for key, value in results.items():
         print(f"{key}={value:.3f}")
