@@ -104,8 +104,14 @@ def psislw(log_weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if ARVIZ_1:
             from arviz_stats.base.array import array_stats
 
-            smoothed, k = array_stats.psislw(np.asarray(log_weight, dtype=np.float64), r_eff=1.0, axis=-1)
-            return np.asarray(smoothed), np.asarray(k)
+            raw = np.asarray(log_weight, dtype=np.float64)
+            # 1.x's psislw takes log-likelihoods (it smooths exp(-ary)) and returns normalized
+            # log-weights: give it -log w, and put the weights back on the raw scale (the draws
+            # below the tail keep their raw values, so the median shift is the normalizer).
+            smoothed, k = array_stats.psislw(-raw, r_eff=1.0, axis=-1)
+            smoothed = np.asarray(smoothed)
+            smoothed = smoothed + np.median(raw - smoothed, axis=-1, keepdims=True)
+            return smoothed, np.asarray(k)
         array = xr.DataArray(np.asarray(log_weight, dtype=np.float64), dims=("obs", "__sample__"))
         smoothed, k = az.psislw(array, reff=1.0, normalize=False)
         return smoothed.values, k.values
@@ -133,10 +139,14 @@ def elpd_data(pointwise: xr.DataArray, pareto_k: xr.DataArray, num_samples: int,
 
 
 def compare(elpds: Mapping[str, object]):
-    """``az.compare`` of precomputed ``ELPDData`` (stacking weights; ranks, elpd_diff, dse)."""
+    """``az.compare`` of precomputed ``ELPDData`` (stacking weights; ranks, elpd_diff, dse),
+    unrounded. ``elpd_diff`` is best minus this run under ArviZ 0.x, this run minus best under
+    1.x: its size is the same."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", UserWarning)
+        if ARVIZ_1:
+            return az.compare(dict(elpds), round_to="none")
         return az.compare(dict(elpds))
 
 

@@ -44,10 +44,11 @@ def importance_weights(log_weight: np.ndarray, exact_tolerance: float = EXACT_TO
     rows, samples = raw.shape
     if samples < MIN_PSIS_SAMPLES:
         raise ValueError(f"PSIS needs at least {MIN_PSIS_SAMPLES} importance samples per datapoint to fit the tail, got {samples}")
-    smoothed, pareto_k = psislw(raw)
     exact = np.ptp(raw, axis=1) <= exact_tolerance
-    k = np.where(exact, -np.inf, pareto_k)
-    smoothed = np.where(exact[:, None], raw, smoothed)
+    k = np.full(rows, -np.inf)
+    smoothed = raw.copy()
+    if not exact.all():  # equal weights have no tail to fit (ArviZ 1.x refuses them)
+        smoothed[~exact], k[~exact] = psislw(raw[~exact])
     normalized_raw = raw - logsumexp(raw, axis=1, keepdims=True)
     return {
         "pareto_k": k,
