@@ -577,7 +577,7 @@ class Experiment:
             raise ConfigError(f"data set {self.data.spec.name!r} has no vocabulary: only a text run reads sentences")
         options = self.config["data"]
         batch = encode_sentences(
-            vocabulary, sentences, options.get("max_length", self.data.spec.x_shape[0]), options.get("tokenizer", "regex"), options.get("unk_token")
+            vocabulary, sentences, options.get("max_length", self.data.spec.x_shape[0]), options.get("tokenizer") or "regex", options.get("unk_token")
         )
         if getattr(self.model, "conditions_on_label", False):
             classes = self.data.spec.num_classes

@@ -96,3 +96,18 @@ def test_the_run_config_says_which_split_was_used(tmp_path, capsys):
     config = (tmp_path / "run" / "config.toml").read_text()
     assert config.startswith("# data split: validation: the last 10 sentences of the training file (train 110, valid 10, test 30)")
     assert main(["evaluate", str(tmp_path / "run"), "--no-progress", "--particles", "2"]) == 0, capsys.readouterr().err
+
+
+def test_a_run_without_the_new_options_writes_none_of_them(tmp_path, capsys):
+    # Run folders written before tokenizer and unk_token existed hold neither; a run that leaves them
+    # at their defaults must write the same config, so those folders still evaluate.
+    from pyrovae.cli import main
+    from pyrovae.config import dump_toml
+    from tests.test_text_runs import EXPERIMENTS, small_text_experiment, write_corpus
+
+    raw = small_text_experiment(EXPERIMENTS / "reviews_lm.toml", write_corpus(tmp_path / "corpus"))
+    path = tmp_path / "experiment.toml"
+    path.write_text(dump_toml(raw))
+    assert main(["train", str(path), "--out", str(tmp_path / "run"), "--no-progress"]) == 0, capsys.readouterr().err
+    config = (tmp_path / "run" / "config.toml").read_text()
+    assert "tokenizer" not in config and "unk_token" not in config

@@ -607,7 +607,7 @@ def text_corpus(
     vocabulary: Path | None = None,
     limit: int = 0,
     seed: int = 0,
-    tokenizer: str = "regex",
+    tokenizer: str | None = None,
     unk_token: str | None = None,
 ) -> TextSplits:
     """Sentences, one per line of UTF-8 text files (blank lines skipped), from one of:
@@ -630,7 +630,8 @@ def text_corpus(
 
     Registered as ``name = "text"`` (the python name differs so that it does not hide the module
     :mod:`pyrovae.data.text`)."""
-    options = _TextOptions(max_length, min_count, max_size, vocabulary, limit, validation, seed, tokenizer, unk_token)
+    # tokenizer None is "regex": a run folder written before the option existed has the same settings.
+    options = _TextOptions(max_length, min_count, max_size, vocabulary, limit, validation, seed, tokenizer or "regex", unk_token)
     options.check()
     forms = {"dir": dir is not None, "train/valid/test": any(p is not None for p in (train, valid, test)), "file": file is not None}
     chosen = [form for form, given in forms.items() if given]
@@ -687,7 +688,7 @@ def reviews(
     vocabulary: Path | None = None,
     limit: int = 0,
     seed: int = 0,
-    tokenizer: str = "regex",
+    tokenizer: str | None = None,
     unk_token: str | None = None,
 ) -> TextSplits:
     """Women's e-commerce clothing reviews (Kaggle, CC0): ``train.tsv``, ``test.tsv`` and optionally
@@ -698,7 +699,8 @@ def reviews(
     (the project's copy is in ``shared/data/reviews``: 18,641 / 2,000 / 2,000 reviews). Without
     ``valid.tsv`` a ``validation`` share of the training reviews is held out with ``seed``. The
     other options are those of :func:`text_corpus`."""
-    options = _TextOptions(max_length, min_count, max_size, vocabulary, limit, validation, seed, tokenizer, unk_token)
+    # tokenizer None is "regex": a run folder written before the option existed has the same settings.
+    options = _TextOptions(max_length, min_count, max_size, vocabulary, limit, validation, seed, tokenizer or "regex", unk_token)
     options.check()
     if dir is None:
         raise ConfigError(
