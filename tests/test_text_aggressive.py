@@ -29,3 +29,22 @@ def test_the_inner_loop_reads_per_word_losses_across_batches_of_different_length
     first = next(batches)
     # Per word: 1.5, 1.5 | 1.25, 1.25 | 1.5, 1.5 -> falls after the second window, stops at the third.
     assert strategy.guide_steps(step_on, first, lambda: next(batches), optimizer, clip=float("inf")) == 6
+
+
+def test_the_guide_only_steps_replay_the_compiled_step_and_train_as_the_eager_ones_do():
+    from pyrovae.train.step import Step
+    from tests.test_train_parts import state_dicts, tiny_training
+
+    results = {}
+    for mode in ("none", "trace"):
+        training = tiny_training(compile=mode, strategy="aggressive", aggressive_check_every=2, aggressive_max_steps=4)
+        step = Step.for_training(training)
+        torch.manual_seed(5)
+        for batch in list(training.data.batches("train", 16))[:4]:
+            step(batch)
+        results[mode] = (state_dicts(training), step)
+    eager, compiled = results["none"][0], results["trace"][0]
+    step = results["trace"][1]
+    assert step.compiled.active and step.compiled.graphs  # captured, checked against eager, kept
+    for name in eager:
+        torch.testing.assert_close(compiled[name], eager[name], rtol=1e-4, atol=1e-5, msg=name)

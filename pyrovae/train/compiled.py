@@ -33,10 +33,13 @@ inputs too, as 0-dim tensors, so their schedules change no capture.
 
 What stays eager: the first step (it runs with argument validation on), objectives that are not
 ``compilable`` (``pyro:`` objectives: Pyro's classes keep baselines across calls or take
-gradients in their call), aggressive mode's
-guide-only steps, ``precision = "bf16"``, and a run whose batches keep changing signature (more
+gradients in their call), ``precision = "bf16"``, and a run whose batches keep changing signature (more
 than ``MAX_SIGNATURES``: text batches trimmed to their longest row, say). The optimizer step
 and gradient clipping run eagerly after the replayed forward and backward.
+
+Aggressive mode's guide-only steps replay the same graph (the parameters are inputs of it): with
+the model's parameters frozen (``requires_grad`` off) autograd computes no gradient for them, so
+the decoder's weight gradients are skipped while the backward still reaches the guide through z.
 """
 
 from __future__ import annotations

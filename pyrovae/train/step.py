@@ -96,8 +96,8 @@ class Step:
         compiled = None
         if config.compile != "none":
             compiled = CompiledStep(config.compile, training.model, training.guide, training.objective, training.say)
-            if strategy is not None or training.autocast is not None:
-                compiled._disable("aggressive guide updates" if strategy is not None else "precision = 'bf16' (autocast)")
+            if training.autocast is not None:
+                compiled._disable("precision = 'bf16' (autocast)")
         return cls(training, strategy, compiled)
 
     def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -111,7 +111,8 @@ class Step:
             batch = {**batch, **run.schedules.input_values(state.step)}
         strategy = self.strategy if self.strategy is not None and state.aggressive else None
         if strategy is not None:
-            inner_steps = strategy.before_model_step(run, batch, beta, by_site)
+            # The guide-only steps replay the compiled forward too (with the model's weights frozen).
+            inner_steps = strategy.before_model_step(run, batch, beta, by_site, forward=self.forward)
         # Before the objective: an objective may compute gradients during its call.
         optimizer.zero_grad(set_to_none=True)
         with strategy.model_step(optimizer) if strategy is not None else contextlib.nullcontext():

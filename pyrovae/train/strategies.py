@@ -92,10 +92,13 @@ class AggressiveGuideUpdates:
         config = training.config
         return cls(config.aggressive_check_every, config.aggressive_max_steps, config.aggressive_mi_examples)
 
-    def before_model_step(self, training, batch, beta: float, by_site) -> int:
+    def before_model_step(self, training, batch, beta: float, by_site, forward=None) -> int:
         """The guide-only steps before a model step: the first on the step's own ``batch``, the
         rest on fresh random training batches, all at the step's ``beta`` (and ``by_site``) and
-        scheduled inputs. Returns how many were taken; a non-finite one raises
+        scheduled inputs. ``forward(batch, beta, by_site) -> (loss, metrics)``: the loop's forward
+        (its compiled step where one holds; the model's parameters are frozen while it runs, so
+        the captured graph computes no decoder weight gradients); default the eager objective.
+        Returns how many were taken; a non-finite one raises
         :class:`~pyrovae.train.recovery.NonFiniteStep`."""
         model, guide, objective, config, state = training.model, training.guide, training.objective, training.config, training.state
         inputs = training.schedules.input_values(state.step) if training.schedules.inputs else {}
@@ -104,8 +107,11 @@ class AggressiveGuideUpdates:
         per_word = bool(getattr(training.data.spec, "variable_length", False))
 
         def step_on(inner_batch) -> torch.Tensor:
-            with kl_scale_unless_one(beta, by_site), (autocast() if autocast is not None else contextlib.nullcontext()):
-                loss, _ = objective(model, guide, inner_batch)
+            if forward is not None:
+                loss, _ = forward(inner_batch, beta, by_site)
+            else:
+                with kl_scale_unless_one(beta, by_site), (autocast() if autocast is not None else contextlib.nullcontext()):
+                    loss, _ = objective(model, guide, inner_batch)
             loss.backward()
             # He et al.'s stopping rule compares the loss per word: a batch of long sentences has a
             # larger loss per sentence, which would otherwise read as the guide getting worse.
