@@ -41,10 +41,13 @@ the 7 minutes on a 2-core machine busy with other training runs (steps of about 
 
 **Guide-only step.** One guide-only step (the model's parameters frozen, so no decoder weight
 gradients) against one full step of the same pair on the same batches, alternating:
-``guide_step_ratio`` is the median paired ratio (He et al.'s inner step; target <= 0.8).
+``guide_step_ratio`` is the median paired ratio (He et al.'s inner step; target <= 0.8), eager;
+``guide_step_ratio_compiled`` the same with both steps replaying the compiled step (``train.compile =
+"trace"``), as aggressive mode now does.
 
 The last lines are ``aggressive_epoch_ratio=...``, ``aggressive_epoch_ratio_without_mi=...``,
-``guide_steps_per_model_step=...``, ``guide_step_ratio=...`` and ``step_ratio=...``.
+``guide_steps_per_model_step=...``, ``guide_step_ratio=...``, ``guide_step_ratio_compiled=...`` and
+``step_ratio=...``.
 """
 
 from __future__ import annotations
@@ -255,11 +258,14 @@ def step_benchmark(data: TextSplits, sizes: Sizes, steps: int, warmup: int, devi
     return ratio
 
 
-def guide_step_benchmark(data: TextSplits, sizes: Sizes, steps: int, warmup: int, device: torch.device) -> float:
+def guide_step_benchmark(data: TextSplits, sizes: Sizes, steps: int, warmup: int, device: torch.device, compile: str = "none") -> float:
     """One guide-only step of aggressive training against one full step of the same pair, on the
     same batches, alternating: the guide-only step runs with the model's parameters frozen
     (:func:`pyrovae.train.strategies.frozen`: no decoder weight gradients; the backward still
-    passes through the decoder's activations to reach z), clips and steps the guide only."""
+    passes through the decoder's activations to reach z), clips and steps the guide only.
+    ``compile = "trace"``: both forwards replay the loop's compiled step (as the fit loop's
+    aggressive mode does), each signature captured on its second sighting (within the warm-up)."""
+    from pyrovae.train.compiled import CompiledStep
     from pyrovae.train.strategies import drop_gradients, frozen
 
     pyro.enable_validation(False)
@@ -270,18 +276,24 @@ def guide_step_benchmark(data: TextSplits, sizes: Sizes, steps: int, warmup: int
     objective = MeanFieldELBO()
     optimizer = make_optimizer(model, guide, TrainConfig(epochs=1, batch_size=sizes.batch, lr=LR, clip_norm=CLIP, device=str(device)))
     everything, model_parameters, guide_parameters = [*model.parameters(), *guide.parameters()], list(model.parameters()), list(guide.parameters())
+    compiled = CompiledStep(compile, model, guide, objective, say=lambda message: print(f"({message})"))
     torch.manual_seed(0)
-    batches = list(itertools.islice(data.batches("train", sizes.batch, shuffle=True), steps + warmup))
+    # The batches of one length (rows cut to max_length), so a compiled step keeps one signature.
+    full = [b for b in data.batches("train", sizes.batch, shuffle=True) if b["x"].shape == (sizes.batch, sizes.max_length)]
+    batches = (full or list(data.batches("train", sizes.batch, shuffle=True)))[: steps + warmup]
+
+    def forward(batch):
+        return compiled(batch, 1.0, {})
 
     def full_step(batch):
         optimizer.zero_grad(set_to_none=True)
-        loss, _ = objective(model, guide, batch)
+        loss, _ = forward(batch)
         adam_step(loss, optimizer, everything)
 
     def guide_step(batch):
         optimizer.zero_grad(set_to_none=True)
         with frozen(model_parameters):
-            loss, _ = objective(model, guide, batch)
+            loss, _ = forward(batch)
             loss.backward()
         drop_gradients(model_parameters)
         torch.nn.utils.clip_grad_norm_(guide_parameters, CLIP)
@@ -299,7 +311,10 @@ def guide_step_benchmark(data: TextSplits, sizes: Sizes, steps: int, warmup: int
                 times[name].append(time.perf_counter() - started)
     ratio = statistics.median(a / b for a, b in zip(times["guide-only"], times["full"]))
     median = {name: statistics.median(values) * 1e3 for name, values in times.items()}
-    print(f"guide-only step {median['guide-only']:.1f} ms  full step {median['full']:.1f} ms  median paired ratio {ratio:.3f}")
+    print(
+        f"compile={compile}: guide-only step {median['guide-only']:.1f} ms  full step {median['full']:.1f} ms  median paired ratio "
+        f"{ratio:.3f}  (compiled graphs held: {len(compiled.graphs)})"
+    )
     return ratio
 
 
@@ -420,6 +435,7 @@ def main(argv=None) -> dict[str, float]:
         # The epochs first, so the step's printout sits next to its ratio line.
         results = epoch_benchmark(data, sizes, args.epoch_repeats, args.check_every, args.max_inner_steps, args.mi_examples, device)
     results["guide_step_ratio"] = guide_step_benchmark(data, sizes, args.steps, args.warmup, device)
+    results["guide_step_ratio_compiled"] = guide_step_benchmark(data, sizes, args.steps, args.warmup, device, compile="trace")
     results["step_ratio"] = step_benchmark(data, sizes, args.steps, args.warmup, device)
     for key, value in results.items():
         print(f"{key}={value:.3f}")
