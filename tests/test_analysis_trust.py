@@ -20,7 +20,7 @@ from pyrovae.analysis import arviz_compat, psis_diagnostics, to_inference_data, 
 from pyrovae.analysis import posterior_plots
 from pyrovae.analysis.arviz_compat import ARVIZ_1, az, from_netcdf, group, group_names, to_netcdf
 from pyrovae.analysis.collapse import REMEDIES, diagnose_collapse
-from pyrovae.analysis.compare import compare_runs, elpd_data, paired_difference
+from pyrovae.analysis.compare import elpd_data, paired_difference
 from pyrovae.analysis.diagnostics import MI_CEILING_SHARE, weak_estimate_warnings
 from pyrovae.cli import main
 from pyrovae.config import dump_toml

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import xarray as xr
 
 from pyrovae.analysis import arviz_compat
 from pyrovae.analysis.arviz_compat import from_netcdf, group, has_group

@@ -26,6 +26,13 @@ PARETO_K_BAD = 0.7
 MIN_PSIS_SAMPLES = 25
 # Weights equal up to this factor (log scale) are an exact guide: no tail to fit.
 EXACT_TOLERANCE = 1e-4
+# importance_weights' results as posterior.nc's sample_stats stores them.
+STORED = {
+    "pareto_k": "pareto_k",
+    "is_log_likelihood": "log_marginal_likelihood",
+    "psis_log_likelihood": "psis_log_marginal_likelihood",
+    "importance_ess": "importance_ess",
+}
 
 
 def importance_weights(log_weight: np.ndarray, exact_tolerance: float = EXACT_TOLERANCE) -> dict[str, np.ndarray]:
@@ -74,7 +81,14 @@ def psis_diagnostics(idata, threshold: float = PARETO_K_BAD) -> xr.Dataset:
     log_weight = group(idata, "guide_draws")["log_weight"].astype("float64")
     samples = log_weight.sizes["chain"] * log_weight.sizes["draw"]
     stacked = log_weight.stack(__sample__=("chain", "draw")).transpose("obs", "__sample__")
-    weights = importance_weights(stacked.values)
+    stored = group(idata, "sample_stats") if has_group(idata, "sample_stats") else {}
+    if "psis_log_weight" in group(idata, "guide_draws") and all(name in stored for name in STORED):
+        # written by to_inference_data from these weights: read, not recomputed
+        smoothed = group(idata, "guide_draws")["psis_log_weight"].astype("float64").stack(__sample__=("chain", "draw")).transpose("obs", "__sample__")
+        weights = {key: stored[name].values.astype(np.float64) for key, name in STORED.items()}
+        weights["psis_log_weight"] = smoothed.values
+    else:
+        weights = importance_weights(stacked.values)
     coords = {"obs": log_weight.coords["obs"]}
     for name, coord in log_weight.coords.items():
         if name not in ("chain", "draw", "obs") and coord.dims == ("obs",):

@@ -42,7 +42,7 @@ from pyrovae.traces import (
     trace_pair,
 )
 
-from pyrovae.analysis.arviz_compat import az, dataset, inference_data  # noqa: F401 (az: for the modules that import it from here)
+from pyrovae.analysis.arviz_compat import dataset, inference_data
 from pyrovae.analysis.diagnostics import importance_weights
 
 
