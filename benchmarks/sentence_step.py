@@ -338,13 +338,15 @@ def timed_mutual_information(seconds: list[float]):
         AggressiveGuideUpdates.validation_mutual_information = original
 
 
-def one_epoch(data: TextSplits, sizes: Sizes, strategy: str, check_every: int, max_steps: int, mi_examples: int, device) -> dict:
+def one_epoch(
+    data: TextSplits, sizes: Sizes, strategy: str, check_every: int, max_steps: int, mi_examples: int, device, compile: str = "none"
+) -> dict:
     """One epoch of ``fit`` from the same initial weights: the epoch's own seconds, the I(x; z)
     estimate's, the whole call's, and the record of the epoch."""
     model, guide = pyrovae_pair(data, sizes, seed=0)
     config = TrainConfig(
         epochs=1, batch_size=sizes.batch, lr=LR, clip_norm=CLIP, device=str(device), validate=False, strategy=strategy,
-        aggressive_check_every=check_every, aggressive_max_steps=max_steps, aggressive_mi_examples=mi_examples,
+        aggressive_check_every=check_every, aggressive_max_steps=max_steps, aggressive_mi_examples=mi_examples, compile=compile,
     )
     mutual_information_seconds: list[float] = []
     started = time.perf_counter()
@@ -360,12 +362,12 @@ def one_epoch(data: TextSplits, sizes: Sizes, strategy: str, check_every: int, m
 
 
 def epoch_benchmark(
-    data: TextSplits, sizes: Sizes, repeats: int, check_every: int, max_steps: int, mi_examples: int, device: torch.device
+    data: TextSplits, sizes: Sizes, repeats: int, check_every: int, max_steps: int, mi_examples: int, device: torch.device, compile: str = "none"
 ) -> dict[str, float]:
     runs = {strategy: [] for strategy in ("plain", "aggressive")}
     for repeat in range(repeats):
         for strategy in runs if repeat % 2 == 0 else reversed(runs):
-            runs[strategy].append(one_epoch(data, sizes, strategy, check_every, max_steps, mi_examples, device))
+            runs[strategy].append(one_epoch(data, sizes, strategy, check_every, max_steps, mi_examples, device, compile))
     steps = data.num_batches("train", sizes.batch)
 
     def median(strategy, key):
@@ -412,6 +414,7 @@ def main(argv=None) -> dict[str, float]:
     parser.add_argument("--max-inner-steps", type=int, default=10, help="as experiments/reviews_aggressive.toml")
     parser.add_argument("--mi-examples", type=int, default=1000)
     parser.add_argument("--skip-epochs", action="store_true", help="time the step only")
+    parser.add_argument("--compile", default="none", choices=["none", "trace", "torch"], help="train.compile of the two epochs (both)")
     parser.add_argument("--tiny", action="store_true", help="tiny networks on random words: a smoke run of seconds")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -433,7 +436,9 @@ def main(argv=None) -> dict[str, float]:
     results = {}
     if not args.skip_epochs:
         # The epochs first, so the step's printout sits next to its ratio line.
-        results = epoch_benchmark(data, sizes, args.epoch_repeats, args.check_every, args.max_inner_steps, args.mi_examples, device)
+        results = epoch_benchmark(
+            data, sizes, args.epoch_repeats, args.check_every, args.max_inner_steps, args.mi_examples, device, args.compile
+        )
     results["guide_step_ratio"] = guide_step_benchmark(data, sizes, args.steps, args.warmup, device)
     results["guide_step_ratio_compiled"] = guide_step_benchmark(data, sizes, args.steps, args.warmup, device, compile="trace")
     results["step_ratio"] = step_benchmark(data, sizes, args.steps, args.warmup, device)
