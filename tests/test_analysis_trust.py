@@ -160,7 +160,7 @@ def test_posterior_png_is_titled_and_draws_categorical_sites_as_class_probabilit
     model, guide, batch, idata = m2_idata([False] * 12, samples=60)
     psis = psis_diagnostics(idata)
     figures = []
-    monkeypatch.setattr(posterior_plots, "_save", lambda figure, path: figures.append(figure) or Path(path))
+    monkeypatch.setattr(posterior_plots, "_save", lambda figure, path, tight=True: figures.append(figure) or Path(path))
     posterior_plots.posterior_plot(idata, [0, 3], tmp_path / "posterior.png", psis=psis)
     (figure,) = figures
     assert "PSIS-weighted posterior" in figure._suptitle.get_text()

@@ -24,9 +24,11 @@ from pyrovae.analysis.posterior import GUIDE_GROUP, whole_batch
 from pyrovae.traces import latent_sites
 
 
-def _save(figure, path) -> Path:
+def _save(figure, path, tight: bool = True) -> Path:
+    """Write and close ``figure``; ``tight=False`` for figures laid out by hand (no second draw
+    to measure the bounding box)."""
     path = Path(path)
-    figure.savefig(path, dpi=100, bbox_inches="tight")
+    figure.savefig(path, dpi=100, bbox_inches="tight" if tight else None)
     plt.close(figure)
     return path
 
@@ -255,8 +257,8 @@ def pareto_k_plot(psis: xr.Dataset, path: str | Path) -> Path:
         right.set_xscale("log")
         right.set_title(f"Kish ESS of the weights: median {np.median(ess):.1f} of {psis.attrs['num_samples']}", fontsize=9)
         right.set_xlabel("effective samples (log scale)")
-    figure.subplots_adjust(wspace=0.3)
-    return _save(figure, path)
+    figure.subplots_adjust(left=0.05, right=0.98, bottom=0.15, top=0.9, wspace=0.25)
+    return _save(figure, path, tight=False)
 
 
 def _chosen_dimensions(idata, ranking, max_dims) -> list[tuple[str, dict]]:
@@ -348,5 +350,5 @@ def posterior_plot(idata, points: Sequence[int], path: str | Path, ranking=None,
             axis.set_yticks([0, 0.5, 1])
             axis.tick_params(labelsize=7)
     figure.suptitle("PSIS-weighted posterior p(z | x) of the chosen test points (line: the guide's q(z | x))", fontsize=9)
-    figure.subplots_adjust(hspace=0.75, wspace=0.25, top=1 - 0.45 / len(points))
-    return _save(figure, path)
+    figure.subplots_adjust(left=0.04, right=0.98, bottom=0.08, hspace=0.75, wspace=0.25, top=1 - 0.45 / len(points))
+    return _save(figure, path, tight=False)

@@ -221,14 +221,9 @@ def _plain(values: Mapping) -> dict:
 
 def _write_diagnostics(psis, path: Path) -> Path:
     columns = ["obs"] + (["label"] if "label" in psis.coords else []) + ["pareto_k", "importance_ess", "is_log_likelihood", "psis_log_likelihood"]
-    rows = [",".join(columns)]
-    for index in range(psis.sizes["obs"]):
-        item = psis.isel(obs=index)
-        cells = [str(item.coords["obs"].item())]
-        if "label" in psis.coords:
-            cells.append(str(item.coords["label"].item()))
-        cells += [f"{float(item[name]):.6g}" for name in columns[len(cells) :]]
-        rows.append(",".join(cells))
+    cells = [[str(value) for value in psis.coords[name].values] for name in columns[:-4]]
+    cells += [[f"{value:.6g}" for value in psis[name].values.astype(float)] for name in columns[-4:]]
+    rows = [",".join(columns)] + [",".join(row) for row in zip(*cells)]
     path.write_text("\n".join(rows) + "\n")
     return path
 
