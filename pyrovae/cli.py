@@ -1,4 +1,4 @@
-"""Command line: ``pyrovae train | evaluate | sample | reconstruct | interpolate | analyze | active-units | multilabel | sweep | tune``.
+"""Command line: ``pyrovae train | evaluate | sample | reconstruct | interpolate | analyze | compare | active-units | multilabel | sweep | tune``.
 
 Every command of the project is here; library modules have no ``main()`` of their own. A command
 opens a run folder through :class:`~pyrovae.experiment.Experiment` and calls analysis functions,
