@@ -657,7 +657,7 @@ class Experiment:
         log_analysis(run_dir, run_dir / "analysis")  # into the run's MLflow run, where it has one
         return analysis
 
-    def evaluation_warnings(self, metrics: dict, rows: int = 100, samples: int = 500) -> list[str]:
+    def evaluation_warnings(self, metrics: dict, rows: int = 100, samples: int = 200) -> list[str]:
         """One-line warnings about the numbers of ``pyrovae evaluate`` (:func:`pyrovae.analysis.
         diagnostics.weak_estimate_warnings`): the guide's Pareto k-hat on the first ``rows`` test
         rows with ``samples`` importance samples each (seeded; most points above 0.7: log p(x) is
