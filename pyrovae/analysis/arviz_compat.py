@@ -74,6 +74,12 @@ def to_netcdf(idata, path: str | Path, complevel: int = 1) -> Path:
             for var, array in data.variables.items()
             if array.dtype.kind in "fiub" and array.ndim > 0
         }
+        if name == "posterior":
+            # A resample repeats each kept draw in a run along `draw`: one chunk per point holds the
+            # runs together, so zlib stores a repeat in a few bytes (fewer distinct draws, smaller file).
+            for var, array in data.data_vars.items():
+                if array.dims[:3] == ("chain", "draw", "obs") and var in encoding:
+                    encoding[var]["chunksizes"] = (1, array.sizes["draw"], 1, *array.shape[3:])
         data.to_netcdf(str(path), mode="a", group=name, engine="h5netcdf", encoding=encoding)
     return path
 
