@@ -146,7 +146,7 @@ def test_schedule_tables_are_type_checked():
 
 
 def test_a_temperature_schedule_is_not_accepted_as_beta():
-    with pytest.raises(ConfigError, match=r"\[anneal\] schedule 'exponential_decay' is meant for \[schedules.<input>\].*schedules that fit: capped_linear, constant, cyclical, linear, logistic"):
+    with pytest.raises(ConfigError, match=r"\[anneal\] schedule 'exponential_decay' is meant for \[schedules.<input>\].*schedules that fit: autoencoder_pretraining, capped_linear, constant, cyclical, linear, logistic"):
         resolve_config(tiny_experiment(anneal=dict(DECAY)))
     with pytest.raises(ConfigError, match=r"\[anneal.sites.z\] schedule 'exponential_decay'"):
         resolve_config(tiny_experiment(anneal={"name": "constant", "sites": {"z": dict(DECAY)}}))

@@ -197,8 +197,14 @@ def test_each_sentence_of_a_mixed_length_batch_has_the_likelihood_it_has_alone(d
 def test_word_dropout_keeps_bos_and_padding_and_drops_at_the_rate_asked():
     tokens = teacher_forcing_inputs(torch.randint(4, VOCABULARY, (200, 30), generator=torch.Generator().manual_seed(0)))
     tokens[:, 20:] = PAD
-    assert word_dropout(tokens, 1.0, training=True) is tokens
+    # keep = 1 drops nothing; a 0-dim tensor keep (a compiled step's input) is the same operation.
+    assert torch.equal(word_dropout(tokens, 1.0, training=True), tokens)
+    assert torch.equal(word_dropout(tokens, torch.tensor(1.0), training=True), tokens)
     assert word_dropout(tokens, 0.0, training=False) is tokens
+    torch.manual_seed(3)
+    as_float = word_dropout(tokens, 0.6, training=True)
+    torch.manual_seed(3)
+    assert torch.equal(word_dropout(tokens, torch.tensor(0.6), training=True), as_float)
     none_kept = word_dropout(tokens, 0.0, training=True)
     assert (none_kept[:, 0] == BOS).all() and (none_kept[:, 1:20] == UNK).all() and (none_kept[:, 20:] == PAD).all()
     some_kept = word_dropout(tokens, 0.7, training=True, generator=torch.Generator().manual_seed(1))

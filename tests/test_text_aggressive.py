@@ -48,3 +48,18 @@ def test_the_guide_only_steps_replay_the_compiled_step_and_train_as_the_eager_on
     assert step.compiled.active and step.compiled.graphs  # captured, checked against eager, kept
     for name in eager:
         torch.testing.assert_close(compiled[name], eager[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_sentence_vae_with_word_dropout_is_captured_by_the_compiled_step(capsys):
+    # Word dropout's keep rate is a 0-dim tensor input of the captured graph: no Python branch reads it.
+    from pyrovae.objectives import MeanFieldELBO
+    from pyrovae.schedules import Constant
+    from pyrovae.train import TrainConfig, fit
+    from tests.test_sentence_vae import tiny_data, vae_pair
+
+    torch.manual_seed(0)
+    data = tiny_data()
+    model, guide = vae_pair(data)
+    config = TrainConfig(epochs=2, batch_size=8, compile="trace", strategy="aggressive", aggressive_check_every=2, aggressive_max_steps=4, aggressive_mi_examples=8)
+    fit(model, guide, MeanFieldELBO(), data, config, inputs={"word_keep": Constant(0.8)}, progress=False)
+    assert "running the step eagerly" not in capsys.readouterr().err

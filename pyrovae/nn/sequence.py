@@ -47,10 +47,14 @@ def word_dropout(
     """Word dropout on decoder inputs (Bowman et al. 2016): each input word is
     replaced by ``<unk>`` with probability 1 - keep, independently, so the decoder must lean on
     its conditioning vector. The leading ``<bos>`` (position 0) and ``<pad>`` positions are kept.
-    Identity (the same tensor) when keep = 1 or not training; keep = 0 leaves only ``<unk>``."""
-    if not 0.0 <= keep <= 1.0:
+    Identity (the same tensor) when not training; keep = 0 leaves only ``<unk>``.
+
+    In training the uniform draws are taken whatever ``keep`` is (keep = 1 drops nothing), with no
+    Python branch on its value: so a compiled step, where ``keep`` is a 0-dim tensor input (a
+    scheduled number), runs the same operations and draws as the eager step."""
+    if not torch.is_tensor(keep) and not 0.0 <= keep <= 1.0:
         raise ValueError(f"word_keep = {keep!r} is not allowed: a keep rate must lie in [0, 1]")
-    if not training or keep >= 1.0:
+    if not training:
         return tokens
     drop = torch.rand(tokens.shape, device=tokens.device, generator=generator) >= keep
     drop[..., 0] = False
