@@ -204,6 +204,21 @@ def check_same_step(model, guide, plain: PlainSentenceVAE, objective, batch) -> 
     return ours, theirs, worst
 
 
+def alternating_times(runs: dict, batches: list, steps: int, warmup: int, device: torch.device) -> dict[str, list[float]]:
+    """Seconds of each of ``runs`` (name -> step(batch)) on the same batches, after ``warmup``
+    steps, the order alternating from one batch to the next, so both see the same machine speed."""
+    times = {name: [] for name in runs}
+    for index, batch in enumerate(itertools.islice(itertools.cycle(batches), steps + warmup)):
+        for name in runs if index % 2 == 0 else reversed(runs):
+            started = time.perf_counter()
+            runs[name](batch)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if index >= warmup:
+                times[name].append(time.perf_counter() - started)
+    return times
+
+
 def step_benchmark(data: TextSplits, sizes: Sizes, steps: int, warmup: int, device: torch.device) -> float:
     # The fit loop turns argument validation off after its first step; so do both sides here.
     pyro.enable_validation(False)
@@ -234,15 +249,7 @@ def step_benchmark(data: TextSplits, sizes: Sizes, steps: int, warmup: int, devi
         adam_step(plain.loss(batch["x"], batch["mask"], batch["lengths"]), plain_optimizer, plain_parameters)
 
     runs = {"pyrovae": ours_step, "plain": plain_step}
-    times = {name: [] for name in runs}
-    for index, batch in enumerate(itertools.islice(itertools.cycle(batches), steps + warmup)):
-        for name in runs if index % 2 == 0 else reversed(runs):
-            started = time.perf_counter()
-            runs[name](batch)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if index >= warmup:
-                times[name].append(time.perf_counter() - started)
+    times = alternating_times(runs, batches, steps, warmup, device)
     ratio = statistics.median(a / b for a, b in zip(times["pyrovae"], times["plain"]))
     median = {name: statistics.median(values) * 1e3 for name, values in times.items()}
     print(
@@ -300,15 +307,7 @@ def guide_step_benchmark(data: TextSplits, sizes: Sizes, steps: int, warmup: int
         optimizer.step()
 
     runs = {"full": full_step, "guide-only": guide_step}
-    times = {name: [] for name in runs}
-    for index, batch in enumerate(itertools.islice(itertools.cycle(batches), steps + warmup)):
-        for name in runs if index % 2 == 0 else reversed(runs):
-            started = time.perf_counter()
-            runs[name](batch)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if index >= warmup:
-                times[name].append(time.perf_counter() - started)
+    times = alternating_times(runs, batches, steps, warmup, device)
     ratio = statistics.median(a / b for a, b in zip(times["guide-only"], times["full"]))
     median = {name: statistics.median(values) * 1e3 for name, values in times.items()}
     print(

@@ -91,21 +91,10 @@ def offers_sentence_path(model, guide) -> bool:
     return sites == ["z"] and callable(getattr(guide, "posterior", None)) and callable(getattr(model, "latent_log_prob", None))
 
 
-def importance_log_likelihood(
-    model,
-    guide,
-    data: torch.Tensor | Mapping[str, torch.Tensor],
-    particles: int = 5000,
-    inputs: Mapping[str, float] | None = None,
-    batch_size: int = 100,
-    max_rows: int = 20000,
-    progress: bool = False,
-    memory_gb: float = 1.0,
-    method: str = "auto",
-) -> torch.Tensor:
-    """log p(x) per example (a CPU tensor (N,) in nats; its mean is minus the NLL); see
-    :func:`importance_estimate` for the arguments and the standard error."""
-    return importance_estimate(model, guide, data, particles, inputs, batch_size, max_rows, progress, memory_gb, method).log_likelihood
+def importance_log_likelihood(model, guide, data: torch.Tensor | Mapping[str, torch.Tensor], particles: int = 5000, **options) -> torch.Tensor:
+    """log p(x) per example (a CPU tensor (N,) in nats; its mean is minus the NLL); ``options`` and
+    the standard error: see :func:`importance_estimate`."""
+    return importance_estimate(model, guide, data, particles, **options).log_likelihood
 
 
 def importance_estimate(
