@@ -37,7 +37,7 @@ QUICKSTART = ROOT / "experiments" / "quickstart.toml"
         ({"model": {"hidden": [32, 0]}}, r"\[model\] 'vae': hidden = \[32, 0\] is not allowed"),
         ({"guide": {"hidden": [-4]}}, r"\[guide\] 'diag_normal': hidden = \[-4\] is not allowed"),
         ({"evaluate": {"batch_size": 0}}, r"evaluate.batch_size = 0 is not allowed: it must be >= 1"),
-        ({"evaluate": {"particles": 0}}, r"evaluate.particles = 0 is not allowed: it must be >= 1"),
+        ({"evaluate": {"particles": -1}}, r"evaluate.particles = -1 is not allowed: it must be >= 0 \(0: automatic\)"),
         ({"evaluate": {"test_examples": -5}}, r"evaluate.test_examples = -5 is not allowed: it must be >= 0"),
     ],
 )
