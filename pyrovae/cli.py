@@ -64,8 +64,7 @@ def _decoded_sentences(args, overrides) -> list[str]:
     inputs = experiment.inputs()
     torch.manual_seed(args.seed)
     if args.command == "sample":
-        label = experiment.sentence_batch(["x"], args.label).get("y") if getattr(model, "conditions_on_label", False) else None
-        y = None if label is None else label.expand(args.count)
+        y = experiment.decoding_labels(args.label, args.count)
         rows = decoding.prior_sentences(model, args.count, method, y=y, **{"generator": generator, **options})
     elif args.command == "reconstruct":
         text = sys.stdin.read() if args.input == "-" else Path(args.input).read_text(encoding="utf-8")

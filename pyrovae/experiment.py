@@ -579,13 +579,21 @@ class Experiment:
         batch = encode_sentences(
             vocabulary, sentences, options.get("max_length", self.data.spec.x_shape[0]), options.get("tokenizer") or "regex", options.get("unk_token")
         )
-        if getattr(self.model, "conditions_on_label", False):
-            classes = self.data.spec.num_classes
-            if label is None or not 0 <= label < classes:
-                raise ConfigError(f"{type(self.model).__name__} decodes with a label: give --label in 0..{classes - 1}")
-            batch["y"] = torch.full((len(sentences),), label, dtype=torch.int64)
+        labels = self.decoding_labels(label, len(sentences))
+        if labels is not None:
+            batch["y"] = labels
         device = next(self.model.parameters()).device
         return {key: value.to(device) for key, value in batch.items()}
+
+    def decoding_labels(self, label: int | None, rows: int) -> torch.Tensor | None:
+        """``rows`` copies of ``label`` on the model's device for a label-conditioned model (which
+        needs one in 0..num_classes-1); None for a model that reads no label."""
+        if not getattr(self.model, "conditions_on_label", False):
+            return None
+        classes = self.data.spec.num_classes
+        if label is None or not 0 <= label < classes:
+            raise ConfigError(f"{type(self.model).__name__} decodes with a label: give --label in 0..{classes - 1}")
+        return torch.full((rows,), label, dtype=torch.int64, device=next(self.model.parameters()).device)
 
     def write_samples(self, path: str | Path | None = None, run_dir: str | Path | None = None, count: int = 16) -> Path:
         """Prior samples and reconstructions of the first ``count`` test rows: a PNG grid for

@@ -62,3 +62,19 @@ def test_refusals_are_one_line(text_run, capsys):
     assert "--temperature" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["interpolate", str(text_run), "a", "b", "--steps", "1"])
+
+
+def test_a_rating_conditioned_run_decodes_with_the_label_given(tmp_path, capsys):
+    raw = small_text_experiment(EXPERIMENTS / "reviews_rating.toml", write_corpus(tmp_path / "corpus"))
+    raw["evaluate"].update(particles=2, latent_metrics=False)
+    path = tmp_path / "experiment.toml"
+    path.write_text(dump_toml(raw))
+    run = tmp_path / "run"
+    assert main(["train", str(path), "--out", str(run), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["sample", str(run), "--method", "greedy", "--count", "2"]) == 2
+    assert "give --label in 0..4" in capsys.readouterr().err
+    assert main(["sample", str(run), "--method", "greedy", "--count", "2", "--label", "4"]) == 0
+    assert len(lines_of(capsys)) == 2
+    assert main(["interpolate", str(run), "the dress fits", "so i returned it", "--steps", "3", "--label", "0"]) == 0
+    assert len(lines_of(capsys)) == 3
