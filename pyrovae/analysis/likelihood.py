@@ -205,7 +205,7 @@ def _sentence_estimate(model, guide, tensors, particles, extra, batch_size, memo
     host_lengths = lengths.cpu()[order]
     latent = bool(getattr(model, "latent_sites", ()))
     drawn = particles if latent else 1
-    plan = []  # (sentence rows, particles per pass) per block
+    plan = []  # (first row, end row, particles per decoder call) per block of sentences, in the sorted order
     begin = 0
     while begin < count:
         rows = sentence_rows_per_pass(model, int(host_lengths[begin]), memory_gb)
