@@ -171,7 +171,7 @@ def main() -> None:
     parser.add_argument("--devices", default="auto", help="comma-separated, or auto: cpu, and cuda when available")
     parser.add_argument("--run", help="a run folder: use its model, guide and test images instead of random ones")
     parser.add_argument("--sentences", action="store_true", help="the sentence VAE at the reviews sizes: old against new path")
-    parser.add_argument("--memory-gb", type=float, default=1.0, help="the sentence path's memory budget (evaluate.memory_gb)")
+    parser.add_argument("--memory-gb", type=float, default=0.25, help="the sentence path's memory budget (evaluate.memory_gb)")
     parser.add_argument("--tiny", action="store_true", help="with --sentences: tiny networks and data (a smoke run)")
     args = parser.parse_args()
     if args.sentences:

@@ -62,7 +62,7 @@ class EvaluateConfig:
     latent_metrics: bool = False
     # Memory budget (GB) of one decoder call of the sentence models' importance sampling
     # (pyrovae.analysis.likelihood): it sets how many (sentence, particle) rows a call holds.
-    memory_gb: float = 1.0
+    memory_gb: float = 0.25
 
     AUTOMATIC_PARTICLES, SENTENCE_PARTICLES = 5000, 50
 

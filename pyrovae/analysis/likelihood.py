@@ -106,7 +106,7 @@ def importance_estimate(
     batch_size: int = 100,
     max_rows: int = 20000,
     progress: bool = False,
-    memory_gb: float = 1.0,
+    memory_gb: float = 0.25,
     method: str = "auto",
 ) -> ImportanceEstimate:
     """log p(x) estimated per example with K = ``particles`` guide samples, and its Monte Carlo
