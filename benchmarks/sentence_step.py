@@ -204,6 +204,15 @@ def check_same_step(model, guide, plain: PlainSentenceVAE, objective, batch) -> 
     return ours, theirs, worst
 
 
+def paired_ratio(runs: dict, batches, steps: int, warmup: int, device) -> tuple[float, dict[str, float]]:
+    """The two ``runs`` (first: numerator) timed alternately: the median of their paired time ratios,
+    and each one's median time in milliseconds."""
+    times = alternating_times(runs, batches, steps, warmup, device)
+    first, second = runs
+    ratio = statistics.median(a / b for a, b in zip(times[first], times[second]))
+    return ratio, {name: statistics.median(values) * 1e3 for name, values in times.items()}
+
+
 def alternating_times(runs: dict, batches: list, steps: int, warmup: int, device: torch.device) -> dict[str, list[float]]:
     """Seconds of each of ``runs`` (name -> step(batch)) on the same batches, after ``warmup``
     steps, the order alternating from one batch to the next, so both see the same machine speed."""
@@ -248,10 +257,7 @@ def step_benchmark(data: TextSplits, sizes: Sizes, steps: int, warmup: int, devi
         plain_optimizer.zero_grad(set_to_none=True)
         adam_step(plain.loss(batch["x"], batch["mask"], batch["lengths"]), plain_optimizer, plain_parameters)
 
-    runs = {"pyrovae": ours_step, "plain": plain_step}
-    times = alternating_times(runs, batches, steps, warmup, device)
-    ratio = statistics.median(a / b for a, b in zip(times["pyrovae"], times["plain"]))
-    median = {name: statistics.median(values) * 1e3 for name, values in times.items()}
+    ratio, median = paired_ratio({"pyrovae": ours_step, "plain": plain_step}, batches, steps, warmup, device)
     print(
         f"step: V={data.spec.num_categories} embedding={sizes.embedding} hidden={sizes.hidden} z={sizes.latent} "
         f"batch={sizes.batch} T median {statistics.median(lengths)} (range {min(lengths)}-{max(lengths)}) steps={steps}"
@@ -306,10 +312,7 @@ def guide_step_benchmark(data: TextSplits, sizes: Sizes, steps: int, warmup: int
         torch.nn.utils.clip_grad_norm_(guide_parameters, CLIP)
         optimizer.step()
 
-    runs = {"full": full_step, "guide-only": guide_step}
-    times = alternating_times(runs, batches, steps, warmup, device)
-    ratio = statistics.median(a / b for a, b in zip(times["guide-only"], times["full"]))
-    median = {name: statistics.median(values) * 1e3 for name, values in times.items()}
+    ratio, median = paired_ratio({"guide-only": guide_step, "full": full_step}, batches, steps, warmup, device)
     print(
         f"compile={compile}: guide-only step {median['guide-only']:.1f} ms  full step {median['full']:.1f} ms  median paired ratio "
         f"{ratio:.3f}  (compiled graphs held: {len(compiled.graphs)})"

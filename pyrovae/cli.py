@@ -27,6 +27,7 @@ from pyrovae.experiment import Experiment
 from pyrovae.traces import preserved_rng
 from pyrovae.train import distributed
 from pyrovae.train.distributed import DistributedJobError
+from pyrovae.files import write_text_atomically
 
 # Failures that are the user's to fix: one line on stderr, exit 2, no traceback.
 USER_ERRORS = (ConfigError, DataError, PairMismatchError, NonFiniteLossError, CheckpointError, FileWriteError, FileNotFoundError, DistributedJobError)
@@ -405,7 +406,7 @@ def _multilabel(args, overrides: list[str]) -> int:
         records.append({"run": str(run), "split": args.split, "checkpoint": args.checkpoint, **metrics})
         print(json.dumps(records[-1]))
     if args.out is not None:
-        args.out.write_text("".join(json.dumps(record) + "\n" for record in records))
+        write_text_atomically(args.out, "".join(json.dumps(record) + "\n" for record in records))
     return 0
 
 

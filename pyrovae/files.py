@@ -136,3 +136,11 @@ def check_same_folder(folder: str | Path, identity: tuple[int, int] | None) -> N
             f"the run folder {folder} was deleted and made anew (by another run?) while this run trained in it; "
             "stopped without writing into it"
         )
+
+
+def save_figure(figure, path: str | Path, **options) -> None:
+    """``figure.savefig(path, **options)`` (a matplotlib figure), atomically: the picture is drawn
+    into a temporary file in the format of ``path``'s suffix, then renamed over it."""
+    path = Path(path)
+    with written_atomically(path) as temporary:
+        figure.savefig(temporary, format=path.suffix.lstrip(".") or None, **options)

@@ -43,6 +43,7 @@ from pyrovae.config import load_experiment, load_toml, resolve_config
 from pyrovae.errors import ConfigError, RunFolderError
 from pyrovae.train.checkpoint import LATEST, previous_path
 from pyrovae.train.progress import duration
+from pyrovae.files import write_text_atomically
 
 PLAN_FILE = "sweep.json"
 LOG_FILE = "train.log"
@@ -264,7 +265,7 @@ def _record_session(point: Point, started: float, resumed: bool, code: int | Non
     path = point.folder / SESSIONS_FILE
     sessions = json.loads(path.read_text()).get("sessions", []) if path.exists() else []
     sessions.append({"seconds": round(time.perf_counter() - started, 1), "resumed": resumed, "exit_code": code})
-    path.write_text(json.dumps({"overrides": list(point.overrides), "sessions": sessions}, indent=2) + "\n")
+    write_text_atomically(path, json.dumps({"overrides": list(point.overrides), "sessions": sessions}, indent=2) + "\n")
 
 
 def _last_line(path: Path) -> str:
@@ -313,7 +314,7 @@ def run_sweep(
     except Timeout:
         raise RunFolderError(f"{sweep.out} is in use by another pyrovae sweep (it holds {sweep.out / LOCK_FILE})") from None
     try:
-        (sweep.out / PLAN_FILE).write_text(json.dumps(sweep.plan(), indent=2) + "\n")
+        write_text_atomically(sweep.out / PLAN_FILE, json.dumps(sweep.plan(), indent=2) + "\n")
         todo = {point: status(point, configs[point]) for point in points}
         skipped = [point for point in points if todo[point] == "finished"]
         pending = [point for point in points if todo[point] != "finished"]
@@ -548,12 +549,12 @@ def write_summary(sweep: Sweep) -> tuple[Path, Path]:
     """``summary.md`` and ``summary.csv`` in the sweep's folder, from the run folders as they are."""
     groups = summarize(sweep)
     markdown, table = sweep.out / SUMMARY_MD, sweep.out / SUMMARY_CSV
-    markdown.write_text(summary_markdown(sweep, groups))
-    table.write_text(summary_csv(groups))
+    write_text_atomically(markdown, summary_markdown(sweep, groups))
+    write_text_atomically(table, summary_csv(groups))
     for group in groups:  # and each grid point's own, beside its seeds' folders
         folder = sweep.out / group.group
         if folder.is_dir():
-            (folder / SUMMARY_MD).write_text(f"# {group.group}\n\n{group_markdown(group)}\n")
-            (folder / SUMMARY_CSV).write_text(summary_csv([group]))
+            write_text_atomically(folder / SUMMARY_MD, f"# {group.group}\n\n{group_markdown(group)}\n")
+            write_text_atomically(folder / SUMMARY_CSV, summary_csv([group]))
     return markdown, table
 

@@ -48,6 +48,7 @@ from pyrovae.config import dump_toml, load_experiment, load_toml, resolve_config
 from pyrovae.errors import ConfigError, NonFiniteLossError
 from pyrovae.experiment import Experiment
 from pyrovae.train.tracking import Tracker
+from pyrovae.files import write_text_atomically
 
 STUDY_FILE = "study.db"
 BEST_FILE = "best.toml"
@@ -231,7 +232,7 @@ class Search:
             + "".join(f"#   {parameter.override(values[parameter.key])}\n" for parameter in self.space)
         )
         path = self.out / BEST_FILE
-        path.write_text(header + dump_toml(raw))
+        write_text_atomically(path, header + dump_toml(raw))
         return path
 
 

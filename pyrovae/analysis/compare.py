@@ -29,6 +29,7 @@ from pyrovae.analysis.arviz_compat import from_netcdf, group, has_group
 from pyrovae.analysis.diagnostics import PARETO_K_BAD
 from pyrovae.analysis.plots import plt
 from pyrovae.errors import ConfigError
+from pyrovae.files import save_figure, write_text_atomically
 
 POSTERIOR_PATH = Path("analysis") / "posterior.nc"
 # A run whose share of points with k-hat > 0.7 exceeds this gets a warning: its log p(x) is unreliable.
@@ -168,13 +169,13 @@ def compare_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Compari
     out.mkdir(parents=True, exist_ok=True)
     csv = out / "compare.csv"
     columns = list(rows[0])
-    csv.write_text(",".join(columns) + "\n" + "".join(",".join(_csv_cell(row[column]) for column in columns) + "\n" for row in rows))
+    write_text_atomically(csv, ",".join(columns) + "\n" + "".join(",".join(_csv_cell(row[column]) for column in columns) + "\n" for row in rows))
     figure = arviz_compat.plot_compare(table, f"log p(x) summed over {rows[0]['points']} test points (ArviZ plot_compare)")
     image = out / "compare.png"
-    figure.savefig(image, dpi=100, bbox_inches="tight")
+    save_figure(figure, image, dpi=100, bbox_inches="tight")
     plt.close(figure)
     markdown = out / "compare.md"
-    markdown.write_text(_markdown(rows, warnings, image))
+    write_text_atomically(markdown, _markdown(rows, warnings, image))
     return Comparison(rows, table, warnings, markdown, csv, image)
 
 

@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from pyrovae.analysis.plots import evaluation_mode, observation_means  # noqa: E402
+from pyrovae.files import save_figure
 
 
 def prior_predictive_means(model, batch: Mapping, samples: int = 1) -> torch.Tensor:
@@ -72,7 +73,7 @@ def completion_grid(
             _show(axes[row, column], images[row], image_shape)
     figure.tight_layout()
     path = Path(path)
-    figure.savefig(path, dpi=100)
+    save_figure(figure, path, dpi=100)
     plt.close(figure)
     return path
 
@@ -110,7 +111,7 @@ def class_grid(
         axes[label, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
     figure.tight_layout()
     path = Path(path)
-    figure.savefig(path, dpi=100)
+    save_figure(figure, path, dpi=100)
     plt.close(figure)
     return path
 

@@ -33,6 +33,7 @@ from torch.nn import functional as F
 from pyrovae.analysis.plots import evaluation_mode
 from pyrovae.data.text import BOS, EOS, PAD, UNK
 from pyrovae.nn import real_positions
+from pyrovae.files import write_text_atomically
 
 
 @contextlib.contextmanager
@@ -405,5 +406,5 @@ def write_text_samples(
             path_z = homotopy(model, guide, batch, rows_of(batch, slice(1, 2)), steps=5, max_length=max_length, inputs=inputs)
             lines += ["== Homotopy between the first two sentences (greedy decoding) =="]
             lines += [f"{i / (len(path_z) - 1):.2f}  {sentence_text(vocabulary, ids)}" for i, ids in enumerate(path_z)] + [""]
-    path.write_text("\n".join(lines), encoding="utf-8")
+    write_text_atomically(path, "\n".join(lines))
     return path

@@ -16,6 +16,7 @@ import torch  # noqa: E402
 from pyro import poutine  # noqa: E402
 
 from pyrovae.pair import Model  # noqa: E402
+from pyrovae.files import save_figure, write_text_atomically
 
 
 def _first_rows(data, count: int, inputs: Mapping[str, float] | None) -> dict:
@@ -100,7 +101,7 @@ def sample_grid(
         spine.set_visible(False)
     figure.tight_layout()
     path = Path(path)
-    figure.savefig(path, dpi=100)
+    save_figure(figure, path, dpi=100)
     plt.close(figure)
     return path
 
@@ -157,7 +158,7 @@ def sample_rows_figure(
         axis.set_ylabel("example")
     figure.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
     path = Path(path)
-    figure.savefig(path, dpi=100)
+    save_figure(figure, path, dpi=100)
     plt.close(figure)
     return path
 
@@ -222,7 +223,7 @@ def sample_rows(
     if inputs:
         content["about"]["inputs"] = dict(inputs)
     path = Path(path)
-    path.write_text(json.dumps(content, indent=1) + "\n")
+    write_text_atomically(path, json.dumps(content, indent=1) + "\n")
     return path
 
 
@@ -265,6 +266,6 @@ def training_curves(history: list[dict], path: str | Path) -> Path:
             axis.legend(fontsize=7)
     figure.tight_layout()
     path = Path(path)
-    figure.savefig(path, dpi=100)
+    save_figure(figure, path, dpi=100)
     plt.close(figure)
     return path

@@ -24,6 +24,7 @@ from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 from tqdm.auto import tqdm
 
+from pyrovae.memory import available_memory
 from pyrovae.analysis.plots import evaluation_mode
 from pyrovae.distributions import DiagonalNormal, StandardNormal
 from pyrovae.handlers import UNANNEALED_SCALE
@@ -645,17 +646,6 @@ def _dataset(variables, coords, dims, attrs, sampled: bool = True):
     return dataset(variables, coords, dims, attrs, sampled=sampled)
 
 
-def _available_memory() -> int | None:
-    """MemAvailable of /proc/meminfo in bytes (Linux), else None (not checked)."""
-    try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
 def check_footprint(model, guide, tensors, extra, samples: int, out_dir, batch_size: int = 100) -> dict:
     """Estimate, before drawing, the peak memory and the size of ``posterior.nc`` for ``samples``
     draws of each of the N rows of ``tensors``, from one draw of two rows (L latent values and
@@ -681,7 +671,7 @@ def check_footprint(model, guide, tensors, extra, samples: int, out_dir, batch_s
     predictive = 2 * 4 * min(PREDICTIVE_VALUES, max(tensors["x"].numel(), 1) * PREDICTIVE_DRAWS)
     memory = draws * (8 * (latent + observed + 1) + 4 * (2 * latent + observed + 2) + 48) + data_bytes + predictive
     file = draws * 4 * (2 * latent + observed + 2) + data_bytes + predictive
-    available = _available_memory()
+    available = available_memory()
     free = shutil.disk_usage(out_dir).free
     affordable = int(samples * min(1.0, (available or math.inf) / memory, free / file))
 

@@ -22,13 +22,14 @@ from pyrovae.analysis.plots import evaluation_mode, decoded_value, plt
 from pyrovae.analysis.arviz_compat import group, has_group
 from pyrovae.analysis.posterior import GUIDE_GROUP, whole_batch
 from pyrovae.traces import latent_sites
+from pyrovae.files import save_figure
 
 
 def _save(figure, path, tight: bool = True) -> Path:
     """Write and close ``figure``; ``tight=False`` for figures laid out by hand (no second draw
     to measure the bounding box)."""
     path = Path(path)
-    figure.savefig(path, dpi=100, bbox_inches="tight" if tight else None)
+    save_figure(figure, path, dpi=100, bbox_inches="tight" if tight else None)
     plt.close(figure)
     return path
 

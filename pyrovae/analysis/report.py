@@ -27,6 +27,7 @@ from pyrovae.analysis.plots import sample_grid, sample_rows_figure, training_cur
 from pyrovae.analysis.posterior import GUIDE_GROUP, check_footprint, draw_posterior, part_name, seeded, to_inference_data, whole_batch
 from pyrovae.analysis.posterior_plots import forest_plot, kl_bars, latent_scatter, latent_traversals, pareto_k_plot, posterior_plot
 from pyrovae.errors import ConfigError
+from pyrovae.files import write_text_atomically
 
 # Burda et al. 2016: a unit is active when Cov_x(E_q[z_d | x]) > 0.01.
 ACTIVE_UNIT_THRESHOLD = 0.01
@@ -186,10 +187,10 @@ def write_analysis(
         "inputs": extra,
         "attrs": {key: str(value) for key, value in all_attrs.items()},
     }
-    (out / "analysis.json").write_text(json.dumps({**numbers, "run_metrics": _plain(metrics or {})}, indent=2) + "\n")
+    write_text_atomically(out / "analysis.json", json.dumps({**numbers, "run_metrics": _plain(metrics or {})}, indent=2) + "\n")
     files["analysis"] = out / "analysis.json"
     report = out / REPORT_FILE
-    report.write_text(_report_text(numbers, metrics or {}, kl, activity, moments, summary, idata, psis, points, files, diagnosis))
+    write_text_atomically(report, _report_text(numbers, metrics or {}, kl, activity, moments, summary, idata, psis, points, files, diagnosis))
     files["report"] = report
     stage("report.md")
     stages.close()
@@ -224,7 +225,7 @@ def _write_diagnostics(psis, path: Path) -> Path:
     cells = [[str(value) for value in psis.coords[name].values] for name in columns[:-4]]
     cells += [[f"{value:.6g}" for value in psis[name].values.astype(float)] for name in columns[-4:]]
     rows = [",".join(columns)] + [",".join(row) for row in zip(*cells)]
-    path.write_text("\n".join(rows) + "\n")
+    write_text_atomically(path, "\n".join(rows) + "\n")
     return path
 
 

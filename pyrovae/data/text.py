@@ -43,14 +43,14 @@ import json
 import re
 from collections import Counter
 from dataclasses import dataclass
-from numbers import Integral, Real
+from numbers import Integral
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import torch
 
 from pyrovae.data.sequences import sequence_splits
-from pyrovae.data.splits import Batch, DataSplits
+from pyrovae.data.splits import Batch, DataSplits, split_rows
 from pyrovae.files import write_text_atomically
 from pyrovae.errors import ConfigError, DataError
 from pyrovae.registry import DATASETS
@@ -404,14 +404,6 @@ class TextSplits(DataSplits):
 # --- loaders ---------------------------------------------------------------------------------
 
 
-def _count(amount: int | float, total: int, option: str) -> int:
-    """A fraction in (0, 1) of ``total``, or a count, as a number of rows."""
-    fractional_count = isinstance(amount, float) and amount >= 1 and not amount.is_integer()
-    if isinstance(amount, bool) or not isinstance(amount, Real) or amount < 0 or fractional_count:
-        raise ConfigError(f"data.{option} must be a fraction in (0, 1) or a count of rows, got {amount!r}")
-    return int(round(amount * total)) if isinstance(amount, float) and amount < 1 else int(amount)
-
-
 def validation_rows(validation, count: int, seed: int, what: str) -> tuple[list[int], list[int], str]:
     """(held-out rows, kept rows, a note saying which) of ``count`` training sentences:
 
@@ -440,7 +432,7 @@ def validation_rows(validation, count: int, seed: int, what: str) -> tuple[list[
     elif isinstance(validation, int) and not isinstance(validation, bool) and validation < 0:
         tail = -validation
     if tail is None:
-        held = _count(validation, count, "validation")
+        held = split_rows(validation, count, "validation")
         held_out, kept = _hold_out(count, held, seed, what)
         return held_out, kept, f"validation: {held} sentences drawn at random from the training file with seed {seed}"
     held = int(round(tail * count)) if isinstance(tail, float) else tail
@@ -646,8 +638,8 @@ def text_corpus(
             )
         every = _Corpus(read_sentences(file))
         count = len(every.sentences)
-        held_test = _count(test_fraction, count, "test_fraction")
-        held_valid = _count(validation, count, "validation")
+        held_test = split_rows(test_fraction, count, "test_fraction")
+        held_valid = split_rows(validation, count, "validation")
         if held_test < 1 or held_valid < 1 or held_test + held_valid >= count:
             raise DataError(
                 f"{file}: {count} sentences cannot give {held_test} test and {held_valid} validation sentences "

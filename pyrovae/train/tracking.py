@@ -33,6 +33,7 @@ import torch
 
 from pyrovae.errors import ConfigError
 from pyrovae.traces import preserved_rng
+from pyrovae.files import write_text_atomically
 
 TENSORBOARD_FOLDER = "tensorboard"
 MLFLOW_LINK = "mlflow.json"
@@ -268,7 +269,7 @@ class MLflowTracker(Tracker):
         run = self.client.create_run(self._experiment_id(), run_name=self.run_dir.name, tags={"pyrovae.run_dir": str(self.run_dir.absolute())})
         self.run_id = run.info.run_id
         link = {"tracking_uri": self.uri, "experiment": self.experiment, "experiment_id": run.info.experiment_id, "run_id": self.run_id}
-        (self.run_dir / MLFLOW_LINK).write_text(json.dumps(link, indent=2) + "\n")
+        write_text_atomically(self.run_dir / MLFLOW_LINK, json.dumps(link, indent=2) + "\n")
         params = [Param(key, value[:6000]) for key, value in _flat(self.config).items()]
         for start in range(0, len(params), 100):  # MLflow takes at most 100 parameters a call
             self.client.log_batch(self.run_id, params=params[start : start + 100])
