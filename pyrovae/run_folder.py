@@ -110,12 +110,28 @@ def _problem(path: Path) -> str | None:
         return "missing"
     try:
         if path.suffix == ".toml":
-            load_toml(path)
+            missing = _incomplete(load_toml(path))
+            if missing:
+                return f"damaged (cut short: it has no {missing})"
         else:
             json.loads(path.read_text(encoding="utf-8"))
     except (ConfigError, ValueError, OSError) as error:
         return f"damaged ({' '.join(str(error).split())[:120]})"
     return None
+
+
+# Every run folder's config.toml holds these (the resolved config writes every default out).
+NAMED_PARTS = ("data", "model", "guide", "objective")
+SETTINGS_TABLES = ("train", "evaluate")
+
+
+def _incomplete(raw: dict) -> str | None:
+    """What a run folder's ``config.toml`` lacks (``"[model] name"``), or None: a file cut short
+    can still be valid TOML."""
+    for section in NAMED_PARTS:
+        if not isinstance(raw.get(section), dict) or "name" not in raw[section]:
+            return f"[{section}] name"
+    return next((f"[{section}] table" for section in SETTINGS_TABLES if not isinstance(raw.get(section), dict)), None)
 
 
 def restore_run_files(run_dir: Path) -> list[str]:

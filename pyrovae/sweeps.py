@@ -221,10 +221,11 @@ def _holds_checkpoint(folder: Path) -> bool:
 
 
 def status(point: Point, config: dict) -> str:
-    """``finished`` (``final.json`` of the same resolved experiment), ``resume`` (a checkpoint to
-    continue from) or ``start``."""
+    """``finished`` (``final.json`` of the same resolved experiment, and the last session the sweep
+    ran there ended well), ``resume`` (a checkpoint to continue from; also a run stopped after it
+    wrote final.json but before its plots) or ``start``."""
     folder = point.folder
-    if (folder / "final.json").exists() and (folder / "config.toml").exists():
+    if (folder / "final.json").exists() and (folder / "config.toml").exists() and _last_session_ended_well(folder):
         try:
             same = resolve_config(load_toml(folder / "config.toml")) == config
         except ConfigError:
@@ -259,6 +260,22 @@ def _command(point: Point, resume: bool) -> list[str]:
     return [sys.executable, "-m", "pyrovae", "train", str(point.experiment), "--out", str(point.folder), "--no-progress", *sets] + (
         ["--resume"] if resume else []
     )
+
+
+def _last_session_ended_well(folder: Path) -> bool:
+    """Whether the last ``pyrovae train`` the sweep ran in ``folder`` exited 0 (True where the sweep
+    ran none: a run trained by hand)."""
+    try:
+        sessions = json.loads((folder / SESSIONS_FILE).read_text()).get("sessions", [])
+    except (OSError, ValueError):
+        return True
+    return not sessions or sessions[-1].get("exit_code") == 0
+
+
+def _default_interrupt() -> None:
+    """In the child, before it runs: Ctrl-C (SIGINT) stops it even where the sweep was started with
+    SIGINT ignored (a script's background job), so the sweep can stop its runs at once."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _record_session(point: Point, started: float, resumed: bool, code: int | None) -> None:
@@ -357,7 +374,10 @@ def _run_points(pending, todo, epochs, skipped, jobs, threads, bar, say, finishe
                 log = open(point.folder / LOG_FILE, "a")
                 log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(_command(point, resume))}\n")
                 log.flush()
-                process = subprocess.Popen(_command(point, resume), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=environment)
+                process = subprocess.Popen(
+                    _command(point, resume), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=environment,
+                    preexec_fn=_default_interrupt if os.name == "posix" else None,
+                )
                 running.append(_Running(point, process, time.perf_counter(), resume, log))
             time.sleep(poll_seconds)
             for item in [item for item in running if item.process.poll() is not None]:

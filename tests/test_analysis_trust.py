@@ -111,6 +111,17 @@ def test_pyrovae_compare_writes_markdown_csv_and_plot_and_refuses_other_test_poi
     assert capsys.readouterr().err.strip() == "pyrovae compare: error: other and a were analysed on different test points; analyse both with the same data and --test-examples"
     assert main(["compare", str(runs[0]), str(tmp_path / "none")]) == 2
     assert "run `pyrovae analyze" in capsys.readouterr().err
+    # The same run twice is refused in one line, before anything is written.
+    assert main(["compare", str(runs[0]), str(tmp_path / "a" / ".." / "a"), "--out", str(tmp_path / "cmp3")]) == 2
+    assert "is given twice" in capsys.readouterr().err and not (tmp_path / "cmp3").exists()
+    # Runs analysed with other sample counts are compared with a warning: log p(x) grows with S.
+    folder = tmp_path / "fewer" / "analysis"
+    folder.mkdir(parents=True)
+    to_netcdf(to_inference_data(model, guide, {"x": x}, 30, seed=7, predictive=False), folder / "posterior.nc")
+    assert main(["compare", str(runs[0]), str(tmp_path / "fewer"), "--out", str(tmp_path / "cmp4")]) == 0
+    assert "analysed with 30 samples per point and a with 40" in (tmp_path / "cmp4" / "compare.md").read_text() or (
+        "analysed with 40 samples per point and fewer with 30" in (tmp_path / "cmp4" / "compare.md").read_text()
+    )
 
 
 # --- effective sample size and the weighted posterior ---------------------------------------------

@@ -119,17 +119,21 @@ def _run_cli(capsys, *arguments):
     return code, captured.out, captured.err
 
 
-@pytest.mark.parametrize("damage", ["truncate", "delete"])
+@pytest.mark.parametrize("damage", ["truncate", "empty", "cut", "delete"])
 def test_a_damaged_or_deleted_config_is_restored_from_the_checkpoint(tmp_path, capsys, damage):
     run = _train(tmp_path)
     original = (run / "config.toml").read_text()
-    if damage == "truncate":
+    if damage == "truncate":  # invalid TOML
         (run / "config.toml").write_text(original[: len(original) // 2].rsplit("=", 1)[0] + "= [")
+    elif damage == "empty":  # valid TOML, nothing in it
+        (run / "config.toml").write_text("")
+    elif damage == "cut":  # valid TOML cut short at a line end
+        (run / "config.toml").write_text(original[:200].rsplit("\n", 1)[0] + "\n")
     else:
         (run / "config.toml").unlink()
     code, out, err = _run_cli(capsys, "evaluate", str(run), "--no-progress", "--particles", "2")
     assert code == 0, err
-    assert f"{run / 'config.toml'} was {'damaged' if damage == 'truncate' else 'missing'}" in err and "restored it from" in err
+    assert f"{run / 'config.toml'} was {'missing' if damage == 'delete' else 'damaged'}" in err and "restored it from" in err
     assert (run / "config.toml").read_text() == original
     (run / "config.toml").unlink()
     exp = tmp_path / "exp.toml"
@@ -360,3 +364,16 @@ def test_the_readme_says_what_a_run_folder_can_still_run():
     section = readme.split("#### Run folders and experiments are code", 1)[1].split("\n## ", 1)[0]
     assert "before anything is called" in section and "os:system" in section
     assert "importing a" in section and "trust_remote_code" in section and "@pyrovae.data_loader" in section
+
+
+def test_a_damaged_best_checkpoint_points_at_latest_and_both_damaged_copies_are_named(tmp_path, capsys):
+    run = _train(tmp_path)
+    best, previous = run / "checkpoints" / "best.pt", run / "checkpoints" / "best.prev.pt"
+    best.write_bytes(best.read_bytes()[:100])
+    previous.unlink(missing_ok=True)
+    code, out, err = _run_cli(capsys, "evaluate", str(run), "--no-progress", "--particles", "2")
+    assert code == 2 and "evaluate, sample or analyze it with --checkpoint latest" in err, err
+    (run / "checkpoints" / "latest.prev.pt").write_bytes(b"")
+    (run / "checkpoints" / "latest.pt").write_bytes(b"")
+    code, out, err = _run_cli(capsys, "evaluate", str(run), "--checkpoint", "latest", "--no-progress")
+    assert code == 2 and "latest.pt is damaged" in err and "and so is its previous copy" in err and "latest.prev.pt" in err, err

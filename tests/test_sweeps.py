@@ -105,6 +105,14 @@ def test_a_sweep_killed_and_run_again_skips_finished_points_and_resumes_the_othe
     )
     markdown = (out / "summary.md").read_text()
     assert "| base | 2/2 |" in markdown and "test_elbo" in markdown
+    # A point stopped after it wrote final.json (before its plots) is resumed, not skipped as finished.
+    record = json.loads((first / "sweep.json").read_text())
+    record["sessions"][-1]["exit_code"] = 130
+    (first / "sweep.json").write_text(json.dumps(record))
+    point = next(p for p in Sweep([experiment], out, seeds=[0, 1]).points() if p.folder == first)
+    assert status(point, resolved(point)) == "resume"
+    record["sessions"][-1]["exit_code"] = 0
+    (first / "sweep.json").write_text(json.dumps(record))
     assert (out / "base" / "summary.csv").read_text() == (out / "summary.csv").read_text()  # the one grid point's own
     # Regenerated from the folders, also on its own.
     (out / "summary.md").unlink()

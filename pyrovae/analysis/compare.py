@@ -90,6 +90,12 @@ def load_scores(run_dirs: Sequence[str | Path]) -> list[RunScores]:
     paths = [Path(run) for run in run_dirs]
     if len(paths) < 2:
         raise ConfigError("compare needs at least two runs")
+    seen: dict = {}
+    for path in paths:
+        key = path.resolve()
+        if key in seen:
+            raise ConfigError(f"{path} is given twice (also as {seen[key]}); compare needs different runs")
+        seen[key] = path
     scores = []
     reference = None
     for name, path in zip(_names(paths), paths):
@@ -160,6 +166,12 @@ def compare_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Compari
                 "weight": weight,
             }
         )
+        if score.samples != best.samples:
+            warnings.append(
+                f"warning: {name} was analysed with {score.samples} samples per point and {best.name} with {best.samples}: "
+                "importance-sampled log p(x) rises with the samples (and k-hat changes), so the difference mixes the "
+                "models with the estimators; analyse both with the same --samples"
+            )
         if score.share_unreliable > UNRELIABLE_SHARE:
             warnings.append(
                 f"warning: {name}: {score.share_unreliable:.1%} of the points have Pareto k-hat > {PARETO_K_BAD}; its log p(x) "

@@ -68,12 +68,19 @@ def load_checkpoint_or_previous(path: str | Path, device: torch.device | str = "
     except UnsafeCheckpointError:
         raise
     except CheckpointError as error:
+        latest = path.with_name(LATEST)
+        advice = (
+            "the run's latest.pt is there: evaluate, sample or analyze it with --checkpoint latest"
+            if path.name == BEST and latest.exists() else f"start the run again in a new --out folder (or delete {path.parent.parent})"
+        )
         if not previous.exists():
-            raise CheckpointError(
-                f"{error}, and there is no previous checkpoint ({previous.name}) to fall back to; "
-                f"start the run again in a new --out folder (or delete {path.parent.parent})"
-            ) from None
-        saved = load_checkpoint(previous, device)
+            raise CheckpointError(f"{error}, and there is no previous checkpoint ({previous.name}) to fall back to; {advice}") from None
+        try:
+            saved = load_checkpoint(previous, device)
+        except UnsafeCheckpointError:
+            raise
+        except CheckpointError as second:
+            raise CheckpointError(f"{error}, and so is its previous copy ({second}); {advice}") from None
         warn(f"{error}; using the previous checkpoint {previous} (epoch {saved['state']['epoch']}) instead")
         return saved
 
