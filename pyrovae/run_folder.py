@@ -43,24 +43,27 @@ RUN_MARKER = ".pyrovae-run"
 
 
 @contextmanager
-def locked_run_folder(run_dir: Path):
-    """Hold ``run_dir``'s lock, or fail at once if another process holds it."""
-    clash = next((p for p in (run_dir, *run_dir.parents) if p.exists() and not p.is_dir()), None)
+def locked_folder(folder: Path, lock_name: str, busy: str):
+    """Make ``folder`` (refusing a path through a file) and hold its lock file ``lock_name``, or fail
+    at once, saying ``busy``, if another process holds it."""
+    clash = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
     if clash is not None:
-        raise RunFolderError(f"--out {run_dir}: {clash} is a file, not a folder; choose a new or empty folder")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(run_dir / LOCK_FILE))
+        raise RunFolderError(f"--out {folder}: {clash} is a file, not a folder; choose a new or empty folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(folder / lock_name))
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        raise RunFolderError(
-            f"{run_dir} is in use by another pyrovae process (it holds {run_dir / LOCK_FILE}); "
-            "wait for it to finish, or train into another --out folder"
-        ) from None
+        raise RunFolderError(f"{folder} is in use by another pyrovae {busy} (it holds {folder / lock_name})") from None
     try:
         yield
     finally:
         lock.release()
+
+
+def locked_run_folder(run_dir: Path):
+    """Hold ``run_dir``'s lock while a run trains, or fail at once if another process holds it."""
+    return locked_folder(run_dir, LOCK_FILE, "process; wait for it to finish, or train into another --out folder")
 
 
 def training_now(run_dir: Path) -> bool:

@@ -37,13 +37,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from filelock import FileLock, Timeout
-
 from pyrovae.config import load_experiment, load_toml, resolve_config
-from pyrovae.errors import ConfigError, RunFolderError
-from pyrovae.train.checkpoint import LATEST, previous_path
+from pyrovae.errors import ConfigError
 from pyrovae.train.progress import duration
 from pyrovae.files import write_text_atomically
+from pyrovae.run_folder import holds_a_run, locked_folder
 
 PLAN_FILE = "sweep.json"
 LOG_FILE = "train.log"
@@ -215,11 +213,6 @@ def resolved(point: Point) -> dict:
         raise ConfigError(f"sweep point {point.name}: {error}") from None
 
 
-def _holds_checkpoint(folder: Path) -> bool:
-    checkpoints = folder / "checkpoints"
-    return (checkpoints / LATEST).exists() or previous_path(checkpoints / LATEST).exists()
-
-
 def status(point: Point, config: dict) -> str:
     """``finished`` (``final.json`` of the same resolved experiment, and the last session the sweep
     ran there ended well), ``resume`` (a checkpoint to continue from; also a run stopped after it
@@ -232,7 +225,7 @@ def status(point: Point, config: dict) -> str:
             same = False
         if same:
             return "finished"
-    return "resume" if _holds_checkpoint(folder) else "start"
+    return "resume" if holds_a_run(folder) else "start"
 
 
 # --- running ------------------------------------------------------------------------------------------
@@ -321,44 +314,39 @@ def run_sweep(
     say = say or (lambda message: tqdm.write(message, file=sys.stderr))
     points = sweep.points()
     configs = {point: resolved(point) for point in points}  # every mistake before anything runs
-    clash = next((p for p in (sweep.out, *sweep.out.parents) if p.exists() and not p.is_dir()), None)
-    if clash is not None:
-        raise RunFolderError(f"--out {sweep.out}: {clash} is a file, not a folder")
-    sweep.out.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(sweep.out / LOCK_FILE))
+    with locked_folder(sweep.out, LOCK_FILE, "sweep"):
+        return _sweep_locked(sweep, points, configs, jobs, threads, progress, say, poll_seconds)
+
+
+def _sweep_locked(sweep, points, configs, jobs, threads, progress, say, poll_seconds) -> SweepResult:
+    from tqdm.auto import tqdm
+
+    write_text_atomically(sweep.out / PLAN_FILE, json.dumps(sweep.plan(), indent=2) + "\n")
+    todo = {point: status(point, configs[point]) for point in points}
+    skipped = [point for point in points if todo[point] == "finished"]
+    pending = [point for point in points if todo[point] != "finished"]
+    epochs = {point: int(configs[point]["train"]["epochs"]) for point in points}
+    if skipped:
+        say(f"sweep: {len(skipped)} of {len(points)} points already finished (skipped)")
+    resumed = sum(todo[point] == "resume" for point in pending)
+    if pending:
+        say(f"sweep: running {len(pending)} points ({resumed} resumed from their checkpoints), {min(jobs, len(pending))} at a time")
+    bar = tqdm(
+        total=sum(epochs.values()),
+        initial=sum(epochs[point] for point in skipped),
+        desc="sweep",
+        unit="epoch",
+        disable=not progress or not sys.stderr.isatty(),
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
+    finished, failed = [], []
     try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise RunFolderError(f"{sweep.out} is in use by another pyrovae sweep (it holds {sweep.out / LOCK_FILE})") from None
-    try:
-        write_text_atomically(sweep.out / PLAN_FILE, json.dumps(sweep.plan(), indent=2) + "\n")
-        todo = {point: status(point, configs[point]) for point in points}
-        skipped = [point for point in points if todo[point] == "finished"]
-        pending = [point for point in points if todo[point] != "finished"]
-        epochs = {point: int(configs[point]["train"]["epochs"]) for point in points}
-        if skipped:
-            say(f"sweep: {len(skipped)} of {len(points)} points already finished (skipped)")
-        resumed = sum(todo[point] == "resume" for point in pending)
-        if pending:
-            say(f"sweep: running {len(pending)} points ({resumed} resumed from their checkpoints), {min(jobs, len(pending))} at a time")
-        bar = tqdm(
-            total=sum(epochs.values()),
-            initial=sum(epochs[point] for point in skipped),
-            desc="sweep",
-            unit="epoch",
-            disable=not progress or not sys.stderr.isatty(),
-            dynamic_ncols=True,
-            file=sys.stderr,
-        )
-        finished, failed = [], []
-        try:
-            _run_points(pending, todo, epochs, skipped, jobs, threads, bar, say, finished, failed, len(points), poll_seconds)
-        finally:
-            bar.close()
-        write_summary(sweep)
-        return SweepResult(points, skipped, finished, failed)
+        _run_points(pending, todo, epochs, skipped, jobs, threads, bar, say, finished, failed, len(points), poll_seconds)
     finally:
-        lock.release()
+        bar.close()
+    write_summary(sweep)
+    return SweepResult(points, skipped, finished, failed)
 
 
 def _run_points(pending, todo, epochs, skipped, jobs, threads, bar, say, finished, failed, total, poll_seconds) -> None:
