@@ -22,6 +22,7 @@ import pyrovae
 from pyrovae.analysis.active_units import active_units
 from pyrovae.analysis.multilabel import PROPENSITY_A, PROPENSITY_B, TAIL_FRACTION
 from pyrovae.config import PORTABLE_SETTINGS, load_experiment
+from pyrovae.run_folder import CONFIG_FILE
 from pyrovae.errors import CheckpointError, ConfigError, DataError, FileWriteError, NonFiniteLossError, PairMismatchError
 from pyrovae.experiment import Experiment
 from pyrovae.traces import preserved_rng
@@ -280,6 +281,23 @@ def _sweep_parsers(commands) -> None:
     tune.add_argument("--no-progress", action="store_true", help="one line per epoch instead of progress bars")
 
 
+def _experiment_and_run_folder(args) -> tuple[Path, Path]:
+    """``train``'s experiment file and run folder. A run folder named as the experiment
+    (``pyrovae train RUN --resume``) continues from its own ``config.toml``, in itself unless
+    ``--out`` says otherwise; without ``--resume`` it is refused, since a new run needs a new folder."""
+    experiment = Path(args.experiment)
+    if experiment.is_dir():
+        if not (experiment / CONFIG_FILE).exists():
+            raise ConfigError(f"{experiment} is a folder, not an experiment TOML file (nor a run folder: it has no {CONFIG_FILE})")
+        if not args.resume:
+            raise ConfigError(
+                f"{experiment} is a run folder: continue it with `pyrovae train {experiment} --resume` (raise "
+                f"train.epochs with --set), or start a new run from an experiment TOML file"
+            )
+        return experiment / CONFIG_FILE, Path(args.out or experiment)
+    return experiment, Path(args.out or Path("runs") / experiment.stem)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
@@ -289,11 +307,11 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0")) if distributed.launched_world_size() > 1 else 0
     try:
         if args.command == "train" and args.nproc and args.nproc > 1:
-            run_dir = Path(args.out or Path("runs") / Path(args.experiment).stem)
+            _, run_dir = _experiment_and_run_folder(args)
             return _launch_torchrun(args, argv, overrides, run_dir)
         if args.command == "train":
-            run_dir = Path(args.out or Path("runs") / Path(args.experiment).stem)
-            experiment = Experiment.from_config(load_experiment(args.experiment, overrides))
+            experiment_file, run_dir = _experiment_and_run_folder(args)
+            experiment = Experiment.from_config(load_experiment(experiment_file, overrides))
             if distributed.launched_world_size() > 1:
                 signal.signal(signal.SIGTERM, _stopped_by_signal)
             final = experiment.train(run_dir, resume=args.resume, progress=not args.no_progress)

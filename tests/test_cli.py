@@ -45,6 +45,15 @@ def test_train_evaluate_sample_on_digits(tmp_path, capsys):
     assert main(["sample", str(run), "--out", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # The run folder itself is the experiment of a resume: one more epoch, in the same folder.
+    assert main(["train", str(run), "--no-progress"]) == 2
+    assert "is a run folder: continue it with `pyrovae train" in capsys.readouterr().err
+    assert main(["train", str(run), "--resume", "--set", "train.epochs=4", "--set", "evaluate.particles=20", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert main(["train", str(tmp_path), "--resume"]) == 2
+    assert "is a folder, not an experiment TOML file" in capsys.readouterr().err
+
 
 def test_cli_reports_config_errors_without_a_traceback(tmp_path, capsys):
     code = main(["train", str(QUICKSTART), "--out", str(tmp_path), "--set", "model.latent_dim=big"])
