@@ -94,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
         help="train an experiment into a run folder (config, metrics, checkpoints, final.json, curves.png, and "
         "samples.png or, for data that are not images, samples.json) and print its test metrics",
     )
-    train.add_argument("experiment", help="experiment TOML file")
+    train.add_argument("experiment", help="experiment TOML file, or a run folder to continue with --resume")
     train.add_argument("--out", help="run folder (default: runs/<experiment name>)")
     train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value (TOML syntax)")
     train.add_argument(
