@@ -26,7 +26,7 @@ from torch import nn
 
 from pyrovae.distributions import StandardNormal
 from pyrovae.errors import DataError
-from pyrovae.likelihoods import WordCategorical
+from pyrovae.likelihoods import ProjectedWordCategorical
 from pyrovae.nn import DilatedCNNDecoderCore, LSTMDecoderCore, check_sizes, real_positions, teacher_forcing_inputs, word_dropout
 from pyrovae.pair import DataSpec, LatentSite, Model
 from pyrovae.registry import MODELS
@@ -160,8 +160,9 @@ class SentenceDecoderModel(Model):
     def observe(self, x: torch.Tensor, mask: torch.Tensor, context: torch.Tensor | None, word_keep: float) -> None:
         """The observation site ``x``, inside the caller's data plate."""
         inputs = word_dropout(teacher_forcing_inputs(x), word_keep, self.training)
-        logits = self.decoder(inputs, context)
-        words = WordCategorical(logits, validate_args=False).mask(mask).to_event(1)
+        output = self.decoder.output
+        features = self.decoder.output_features(inputs, context)
+        words = ProjectedWordCategorical(features, output.weight, output.bias, validate_args=False).mask(mask).to_event(1)
         pyro.sample("x", words, obs=x)
 
     # --- the fast importance-sampled likelihood (pyrovae.analysis.likelihood) -------------------

@@ -178,6 +178,54 @@ class WordCategorical(TorchDistribution):
         return dist.Categorical(logits=self.logits, validate_args=False).sample(sample_shape)
 
 
+# The output layer and softmax of ProjectedWordCategorical run on slices of at most this many
+# (position, word) logits: 8 MB in float32. A whole batch's logits (64 x 40 x 4,592 = 47 MB) would be
+# a fresh allocation of the process (glibc maps blocks above 32 MB anew each time), paid for in page
+# faults on every first touch: about 20 ms a buffer, four buffers a step, on the project's CPU.
+LOGIT_SLICE_ELEMENTS = 2**21
+
+
+class ProjectedWordCategorical(WordCategorical):
+    """:class:`WordCategorical` with logits = W h + b of features h (..., F), never held whole:
+
+        log p(w) = (W h + b)_w - log sum_v exp((W h + b)_v)
+
+    :meth:`log_prob` runs the output layer and the fused ``cross_entropy`` on slices of rows
+    (``LOGIT_SLICE_ELEMENTS`` logits each) and joins the scores: the same values and gradients
+    as ``WordCategorical(F.linear(h, W, b))`` (``tests/test_sentence_vae.py`` checks), without
+    the whole (..., V) logits tensor and its gradient. ``logits`` builds them on demand (for
+    sampling). The sentence models' word site."""
+
+    def __init__(self, features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, validate_args=None):
+        self.features, self.weight, self.bias = features, weight, bias
+        TorchDistribution.__init__(self, features.shape[:-1], validate_args=validate_args)
+
+    @property
+    def logits(self) -> torch.Tensor:
+        flat = self.features.reshape(-1, self.features.shape[-1])
+        return torch.addmm(self.bias, flat, self.weight.t()).view(self.batch_shape + self.weight.shape[:1])
+
+    def expand(self, batch_shape, _instance=None):
+        batch_shape = torch.Size(batch_shape)
+        if batch_shape == self.batch_shape:
+            return self
+        features = self.features.expand(batch_shape + self.features.shape[-1:])
+        return ProjectedWordCategorical(features, self.weight, self.bias, validate_args=False)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        shape = torch.broadcast_shapes(value.shape, self.batch_shape)
+        features = self.features.expand(shape + self.features.shape[-1:]).reshape(-1, self.features.shape[-1])
+        words = value.long().expand(shape).reshape(-1)
+        rows = max(1, LOGIT_SLICE_ELEMENTS // self.weight.shape[0])
+        scores = [
+            F.cross_entropy(torch.addmm(self.bias, part, self.weight.t()), part_words, reduction="none")
+            for part, part_words in zip(features.split(rows), words.split(rows))
+        ]
+        return -torch.cat(scores).view(shape)
+
+
 class MultinomialLogits(TorchDistribution):
     """Multinomial counts over the last dim, one row per batch element (Liang et al. 2018):
 

@@ -149,6 +149,32 @@ def test_word_categorical_equals_pyro_categorical():
     assert WordCategorical(logits).expand((2, 3, 5, 7)).log_prob(words).shape == (2, 3, 5, 7)
 
 
+def test_projected_word_categorical_scores_in_slices_as_the_whole_logits_do(monkeypatch):
+    # The model's site: logits = W h + b, scored a slice of rows at a time (here 3 of the 105
+    # positions a slice, so 35 slices). Values and every gradient equal WordCategorical's on the
+    # whole logits; sampling and expand read the same logits.
+    import pyrovae.likelihoods as likelihoods
+
+    monkeypatch.setattr(likelihoods, "LOGIT_SLICE_ELEMENTS", 3 * VOCABULARY)
+    torch.manual_seed(0)
+    features = torch.randn(3, 5, 7, 6, requires_grad=True)
+    weight, bias = torch.randn(VOCABULARY, 6, requires_grad=True), torch.randn(VOCABULARY, requires_grad=True)
+    words = torch.randint(0, VOCABULARY, (5, 7))  # broadcast against 3 particles
+    projected = likelihoods.ProjectedWordCategorical(features, weight, bias)
+    ours = projected.log_prob(words)
+    copies = [t.detach().clone().requires_grad_() for t in (features, weight, bias)]
+    theirs = WordCategorical(torch.nn.functional.linear(*copies)).log_prob(words)
+    torch.testing.assert_close(ours, theirs)
+    scales = torch.randn(3, 5, 7)
+    (ours * scales).sum().backward()
+    (theirs * scales).sum().backward()
+    for mine, reference in zip((features, weight, bias), copies):
+        torch.testing.assert_close(mine.grad, reference.grad)
+    torch.testing.assert_close(projected.logits, torch.nn.functional.linear(features, weight, bias))
+    assert projected.expand((2, 3, 5, 7)).log_prob(words).shape == (2, 3, 5, 7)
+    assert projected.sample().shape == (3, 5, 7)
+
+
 # --- padding and lengths -------------------------------------------------------------------------
 
 

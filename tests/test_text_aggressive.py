@@ -65,10 +65,10 @@ def test_a_sentence_vae_with_word_dropout_is_captured_by_the_compiled_step(capsy
     assert "running the step eagerly" not in capsys.readouterr().err
 
 
-def test_a_guide_only_step_runs_the_output_layer_as_one_matrix_product_not_a_batched_one():
+def test_a_guide_only_step_runs_the_output_layer_as_one_matrix_product_and_gives_the_full_steps_guide_gradients():
     # With the model frozen, nn.Linear on (rows, T, F) features broadcasts its weight to every row
-    # and runs a batched product (about 3x slower on the CPU); on the flat (rows * T, F) features it
-    # stays one product, forward and backward, and no decoder weight gradient is computed.
+    # and runs a batched product (about 3x slower on the CPU); on flat (rows, F) features it stays
+    # a matrix product, forward and backward, and no decoder weight gradient is computed.
     from torch.profiler import ProfilerActivity, profile
 
     from pyrovae.objectives import MeanFieldELBO
@@ -79,10 +79,25 @@ def test_a_guide_only_step_runs_the_output_layer_as_one_matrix_product_not_a_bat
     data = tiny_data()
     model, guide = vae_pair(data)
     batch = next(iter(data.batches("train", 16)))
-    with frozen(list(model.parameters())), profile(activities=[ProfilerActivity.CPU]) as profiled:
+    vocabulary = data.spec.num_categories
+    with frozen(list(model.parameters())), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as profiled:
+        torch.manual_seed(1)
         loss, _ = MeanFieldELBO()(model, guide, batch)
         loss.backward()
-    names = {event.key for event in profiled.key_averages()}
-    assert "aten::bmm" not in names
+    products = [event for event in profiled.events() if event.name in ("aten::mm", "aten::addmm", "aten::bmm")]
+    over_words = [event for event in products if any(vocabulary in shape for shape in event.input_shapes if shape)]
+    assert over_words and all(event.name != "aten::bmm" for event in over_words)
     assert all(p.grad is None for p in model.parameters())
-    assert all(p.grad is not None for p in guide.parameters() if p.requires_grad)
+    frozen_gradients = {name: p.grad.clone() for name, p in guide.named_parameters() if p.requires_grad}
+    assert len(frozen_gradients) == len([p for p in guide.parameters() if p.requires_grad])
+
+    # The frozen step (native LSTM kernel, sliced output layer) gives the guide the gradients the
+    # full step (oneDNN LSTM, weights trained) gives it, on the same draws.
+    guide.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    loss, _ = MeanFieldELBO()(model, guide, batch)
+    loss.backward()
+    for name, p in guide.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, frozen_gradients[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert torch.backends.mkldnn.enabled  # switched back after the frozen step

@@ -12,6 +12,7 @@ Token ids are those of :mod:`pyrovae.tokens` (``<pad>`` = 0, ``<unk>``, ``<bos>`
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple, Sequence
 
 import torch
@@ -106,6 +107,18 @@ class DecoderCore(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, inputs: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (..., T, V) of inputs (..., T) and a context (..., C) or None.
+
+        The output layer runs on the (rows * T, F) matrix of features: on a 3-d input whose weight
+        does not require gradients (a guide-only step of aggressive training), ``nn.Linear`` would
+        run a batched product with the weight broadcast to every row, about 3x slower on the CPU."""
+        features = self.output_features(inputs, context)
+        logits = self.output(features.reshape(-1, features.shape[-1]))
+        return logits.view(features.shape[:-1] + logits.shape[-1:])
+
+    def output_features(self, inputs: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """What the output layer reads (..., T, F), dropout applied, for inputs (..., T) and a
+        context (..., C) or None: logits = ``output`` of them."""
         self._check_context(context)
         if context is None:
             lead = inputs.shape[:-1]
@@ -113,18 +126,8 @@ class DecoderCore(nn.Module):
             lead = torch.broadcast_shapes(inputs.shape[:-1], context.shape[:-1])
             context = context.expand(lead + context.shape[-1:]).reshape(-1, context.shape[-1])
         flat = inputs.expand(lead + inputs.shape[-1:]).reshape(-1, inputs.shape[-1])
-        logits = self.teacher_forced(flat, context)
-        return logits.reshape(lead + logits.shape[-2:])
-
-    def teacher_forced(self, inputs: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
-        """Logits (rows, T, V) of rows of inputs (rows, T) and a context (rows, C) or None.
-
-        The output layer runs on the (rows * T, F) matrix of features: on a 3-d input whose weight
-        does not require gradients (a guide-only step of aggressive training), ``nn.Linear`` would
-        run a batched product with the weight broadcast to every row, about 3x slower on the CPU."""
-        features = self.dropout(self.features(inputs, context))
-        rows, steps = features.shape[:2]
-        return self.output(features.reshape(rows * steps, features.shape[-1])).view(rows, steps, -1)
+        features = self.dropout(self.features(flat, context))
+        return features.reshape(lead + features.shape[-2:])
 
     def features(self, inputs: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         """What the output layer reads at each position, (rows, T, F)."""
@@ -176,6 +179,24 @@ class DecoderCore(nn.Module):
         return torch.cat([embedded, context.unsqueeze(1).expand(-1, inputs.shape[1], -1)], -1)
 
 
+@contextlib.contextmanager
+def _without_weight_gradients_on_cpu(lstm: nn.LSTM):
+    """Run a CPU ``nn.LSTM`` whose weights are frozen (``requires_grad`` off: a guide-only step of
+    aggressive training) on torch's native kernel instead of oneDNN's. oneDNN's LSTM backward
+    computes the weight gradients whether or not they are wanted; the native one leaves them out,
+    which halves the backward at the sentence VAE's sizes (the same input gradients, to float
+    rounding). Trained weights, no gradient, or CUDA: nothing changes. Yields whether it switched."""
+    weight = lstm.weight_hh_l0
+    if not (torch.is_grad_enabled() and weight.device.type == "cpu" and not weight.requires_grad and torch.backends.mkldnn.enabled):
+        yield False
+        return
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield True
+    finally:
+        torch.backends.mkldnn.enabled = True
+
+
 class LSTMState(NamedTuple):
     h: torch.Tensor  # (1, rows, H)
     c: torch.Tensor  # (1, rows, H)
@@ -219,7 +240,12 @@ class LSTMDecoderCore(DecoderCore):
 
     def features(self, inputs, context):
         step_context = context if self.context_every_step else None
-        outputs, _ = self.lstm(self._embedded_inputs(inputs, step_context), self._initial(context, inputs.shape[0]))
+        embedded = self._embedded_inputs(inputs, step_context)
+        with _without_weight_gradients_on_cpu(self.lstm) as native:
+            if native:
+                # Time-major in memory, so the native kernel's input projection is one matrix product.
+                embedded = embedded.transpose(0, 1).contiguous().transpose(0, 1)
+            outputs, _ = self.lstm(embedded, self._initial(context, inputs.shape[0]))
         return outputs
 
     def start(self, context: torch.Tensor | None, rows: int) -> LSTMState:
@@ -287,7 +313,9 @@ class DilatedCNNDecoderCore(DecoderCore):
         self.receptive_field = 1 + (kernel_size - 1) * sum(dilations)
 
     def features(self, inputs, context):
-        hidden = self.input(self._embedded_inputs(inputs, context)).transpose(1, 2)
+        embedded = self._embedded_inputs(inputs, context)
+        # On the flat (rows * T, E) matrix, as the output layer (see DecoderCore.forward).
+        hidden = self.input(embedded.reshape(-1, embedded.shape[-1])).view(embedded.shape[:-1] + (-1,)).transpose(1, 2)
         return F.relu(self.blocks(hidden).transpose(1, 2))
 
     def start(self, context: torch.Tensor | None, rows: int) -> CNNState:
@@ -296,7 +324,7 @@ class DilatedCNNDecoderCore(DecoderCore):
 
     def step(self, tokens: torch.Tensor, state: CNNState) -> tuple[torch.Tensor, CNNState]:
         prefix = torch.cat([state.prefix, tokens.unsqueeze(1)], 1)[:, -self.receptive_field :]
-        return self.teacher_forced(prefix, state.context)[:, -1], CNNState(prefix, state.context)
+        return self.output(self.output_features(prefix, state.context)[:, -1]), CNNState(prefix, state.context)
 
     def select(self, state: CNNState, index: torch.Tensor) -> CNNState:
         context = None if state.context is None else state.context.index_select(0, index)
