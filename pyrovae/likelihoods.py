@@ -164,15 +164,27 @@ class WordCategorical(TorchDistribution):
         batch_shape = torch.Size(batch_shape)
         if batch_shape == self.batch_shape:
             return self
-        return WordCategorical(self.logits.expand(batch_shape + self.logits.shape[-1:]), validate_args=False)
+        per_position = self._per_position()
+        return self._with(per_position.expand(batch_shape + per_position.shape[-1:]))
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
             self._validate_sample(value)
         shape = torch.broadcast_shapes(value.shape, self.batch_shape)
-        logits = self.logits.expand(shape + self.logits.shape[-1:]).reshape(-1, self.logits.shape[-1])
-        words = value.long().expand(shape).reshape(-1)
-        return -F.cross_entropy(logits, words, reduction="none").view(shape)
+        per_position = self._per_position()
+        rows = per_position.expand(shape + per_position.shape[-1:]).reshape(-1, per_position.shape[-1])
+        return self._score(rows, value.long().expand(shape).reshape(-1)).view(shape)
+
+    def _per_position(self) -> torch.Tensor:
+        """What the distribution holds per position (..., width): here the logits."""
+        return self.logits
+
+    def _with(self, per_position: torch.Tensor) -> "WordCategorical":
+        return WordCategorical(per_position, validate_args=False)
+
+    def _score(self, rows: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+        """log p of ``words`` (P,) at positions whose rows (P, width) are given."""
+        return -F.cross_entropy(rows, words, reduction="none")
 
     def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
         return dist.Categorical(logits=self.logits, validate_args=False).sample(sample_shape)
@@ -205,25 +217,19 @@ class ProjectedWordCategorical(WordCategorical):
         flat = self.features.reshape(-1, self.features.shape[-1])
         return torch.addmm(self.bias, flat, self.weight.t()).view(self.batch_shape + self.weight.shape[:1])
 
-    def expand(self, batch_shape, _instance=None):
-        batch_shape = torch.Size(batch_shape)
-        if batch_shape == self.batch_shape:
-            return self
-        features = self.features.expand(batch_shape + self.features.shape[-1:])
-        return ProjectedWordCategorical(features, self.weight, self.bias, validate_args=False)
+    def _per_position(self) -> torch.Tensor:
+        return self.features
 
-    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        if self._validate_args:
-            self._validate_sample(value)
-        shape = torch.broadcast_shapes(value.shape, self.batch_shape)
-        features = self.features.expand(shape + self.features.shape[-1:]).reshape(-1, self.features.shape[-1])
-        words = value.long().expand(shape).reshape(-1)
-        rows = max(1, LOGIT_SLICE_ELEMENTS // self.weight.shape[0])
+    def _with(self, per_position: torch.Tensor) -> "ProjectedWordCategorical":
+        return ProjectedWordCategorical(per_position, self.weight, self.bias, validate_args=False)
+
+    def _score(self, rows: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+        slice_rows = max(1, LOGIT_SLICE_ELEMENTS // self.weight.shape[0])
         scores = [
             F.cross_entropy(torch.addmm(self.bias, part, self.weight.t()), part_words, reduction="none")
-            for part, part_words in zip(features.split(rows), words.split(rows))
+            for part, part_words in zip(rows.split(slice_rows), words.split(slice_rows))
         ]
-        return -torch.cat(scores).view(shape)
+        return -torch.cat(scores)
 
 
 class MultinomialLogits(TorchDistribution):
