@@ -167,7 +167,7 @@ class SentenceDecoderModel(Model):
 
     # --- the fast importance-sampled likelihood (pyrovae.analysis.likelihood) -------------------
 
-    def conditional_log_prob(self, z: torch.Tensor | None, x: torch.Tensor, mask=None, lengths=None, y=None, positions_per_pass: int = 4096, **batch):
+    def conditional_log_prob(self, z: torch.Tensor | None, x: torch.Tensor, mask=None, lengths=None, y=None, **batch):
         """log p(x_n | z_{k,n}) = sum_{t < L_n} log p(x_{n,t} | x_{n,<t}, c_{k,n}) for particles z
         (K, N, D) of the N rows of x (N, T): (K, N). The K particles are folded into the rows of
         one decoder call; the output layer runs at the real positions only
@@ -186,7 +186,7 @@ class SentenceDecoderModel(Model):
         expand = lambda t: t.expand((particles,) + t.shape).reshape((rows,) + t.shape[1:])  # noqa: E731
         flat_context = None if context is None else context.expand((particles, x.shape[0], context.shape[-1])).reshape(rows, -1)
         scores = self.decoder.sequence_log_prob(
-            expand(teacher_forcing_inputs(x)), expand(x), expand(mask), flat_context, positions_per_pass=positions_per_pass
+            expand(teacher_forcing_inputs(x)), expand(x), expand(mask), flat_context
         )
         return scores.view(particles, x.shape[0])
 

@@ -307,8 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0")) if distributed.launched_world_size() > 1 else 0
     try:
         if args.command == "train" and args.nproc and args.nproc > 1:
-            _, run_dir = _experiment_and_run_folder(args)
-            return _launch_torchrun(args, argv, overrides, run_dir)
+            experiment_file, run_dir = _experiment_and_run_folder(args)
+            return _launch_torchrun(args, argv, overrides, experiment_file, run_dir)
         if args.command == "train":
             experiment_file, run_dir = _experiment_and_run_folder(args)
             experiment = Experiment.from_config(load_experiment(experiment_file, overrides))
@@ -488,13 +488,13 @@ def _stopped_by_signal(signum, frame):
     )
 
 
-def _launch_torchrun(args, argv: list[str], overrides: list[str], run_dir: Path) -> int:
+def _launch_torchrun(args, argv: list[str], overrides: list[str], experiment_file: Path, run_dir: Path) -> int:
     """``pyrovae train ... --nproc N``: run the same command in N processes under torchrun on this machine."""
     from pyrovae.config import resolve_config
 
     if distributed.launched_world_size() > 1:
         raise ConfigError("--nproc starts torchrun, but this process already runs under torchrun (WORLD_SIZE is set); leave --nproc out")
-    resolve_config(load_experiment(args.experiment, overrides))  # a mistake in the experiment: one line, here
+    resolve_config(load_experiment(experiment_file, overrides))  # a mistake in the experiment: one line, here
     forwarded, skip = [], False
     for item in argv:
         if skip:

@@ -23,6 +23,7 @@ from torch.nn import functional as F
 
 from pyrovae.distributions import BernoulliLogits, DiagonalNormal
 from pyrovae.errors import DataError
+from pyrovae.nn.sequence import word_log_probs
 from pyrovae.pair import DataSpec, first_offender
 from pyrovae.registry import LIKELIHOODS
 
@@ -158,7 +159,10 @@ class WordCategorical(TorchDistribution):
 
     @constraints.dependent_property(is_discrete=True, event_dim=0)
     def support(self):
-        return constraints.integer_interval(0, self.logits.shape[-1] - 1)
+        return constraints.integer_interval(0, self._vocabulary_size() - 1)
+
+    def _vocabulary_size(self) -> int:
+        return self.logits.shape[-1]
 
     def expand(self, batch_shape, _instance=None):
         batch_shape = torch.Size(batch_shape)
@@ -190,23 +194,18 @@ class WordCategorical(TorchDistribution):
         return dist.Categorical(logits=self.logits, validate_args=False).sample(sample_shape)
 
 
-# The output layer and softmax of ProjectedWordCategorical run on slices of at most this many
-# (position, word) logits: 8 MB in float32. A whole batch's logits (64 x 40 x 4,592 = 47 MB) would be
-# a fresh allocation of the process (glibc maps blocks above 32 MB anew each time), paid for in page
-# faults on every first touch: about 20 ms a buffer, four buffers a step, on the project's CPU.
-LOGIT_SLICE_ELEMENTS = 2**21
-
-
 class ProjectedWordCategorical(WordCategorical):
     """:class:`WordCategorical` with logits = W h + b of features h (..., F), never held whole:
 
         log p(w) = (W h + b)_w - log sum_v exp((W h + b)_v)
 
     :meth:`log_prob` runs the output layer and the fused ``cross_entropy`` on slices of rows
-    (``LOGIT_SLICE_ELEMENTS`` logits each) and joins the scores: the same values and gradients
+    (:func:`pyrovae.nn.sequence.word_log_probs`, 8 MB of logits each) and joins the scores: the same values and gradients
     as ``WordCategorical(F.linear(h, W, b))`` (``tests/test_sentence_vae.py`` checks), without
     the whole (..., V) logits tensor and its gradient. ``logits`` builds them on demand (for
     sampling). The sentence models' word site."""
+
+    arg_constraints = {"features": constraints.real_vector}
 
     def __init__(self, features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, validate_args=None):
         self.features, self.weight, self.bias = features, weight, bias
@@ -224,12 +223,10 @@ class ProjectedWordCategorical(WordCategorical):
         return ProjectedWordCategorical(per_position, self.weight, self.bias, validate_args=False)
 
     def _score(self, rows: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
-        slice_rows = max(1, LOGIT_SLICE_ELEMENTS // self.weight.shape[0])
-        scores = [
-            F.cross_entropy(torch.addmm(self.bias, part, self.weight.t()), part_words, reduction="none")
-            for part, part_words in zip(rows.split(slice_rows), words.split(slice_rows))
-        ]
-        return -torch.cat(scores)
+        return word_log_probs(rows, self.weight, self.bias, words)
+
+    def _vocabulary_size(self) -> int:
+        return self.weight.shape[0]
 
 
 class MultinomialLogits(TorchDistribution):

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "experiments" / "quickstart.toml"
 
 
-def test_train_evaluate_sample_on_digits(tmp_path, capsys):
+def test_train_evaluate_sample_on_digits(tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     code = main(["train", str(QUICKSTART), "--out", str(run), "--set", "train.epochs=3", "--set", "evaluate.particles=50", "--no-progress"])
     assert code == 0
@@ -53,6 +53,21 @@ def test_train_evaluate_sample_on_digits(tmp_path, capsys):
     assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
     assert main(["train", str(tmp_path), "--resume"]) == 2
     assert "is a folder, not an experiment TOML file" in capsys.readouterr().err
+    # The same with --nproc: checked here, then handed to torchrun (not started: Popen is replaced).
+    started = []
+
+    class NotStarted:
+        def __init__(self, command):
+            started.append(command)
+
+        def wait(self):
+            return 0
+
+    import pyrovae.cli
+
+    monkeypatch.setattr(pyrovae.cli.subprocess, "Popen", NotStarted)
+    assert main(["train", str(run), "--resume", "--nproc", "2", "--set", "train.epochs=5"]) == 0
+    assert started and started[0][-5:] == ["train", str(run), "--resume", "--set", "train.epochs=5"]
 
 
 def test_cli_reports_config_errors_without_a_traceback(tmp_path, capsys):

@@ -154,8 +154,16 @@ def test_projected_word_categorical_scores_in_slices_as_the_whole_logits_do(monk
     # positions a slice, so 35 slices). Values and every gradient equal WordCategorical's on the
     # whole logits; sampling and expand read the same logits.
     import pyrovae.likelihoods as likelihoods
+    import pyrovae.nn.sequence as sequence
 
-    monkeypatch.setattr(likelihoods, "LOGIT_SLICE_ELEMENTS", 3 * VOCABULARY)
+    monkeypatch.setattr(sequence, "LOGIT_SLICE_ELEMENTS", 3 * VOCABULARY)
+    whole_cross_entropy, slices = torch.nn.functional.cross_entropy, []
+
+    def counted_cross_entropy(logits, *args, **kwargs):
+        slices.append(tuple(logits.shape))
+        return whole_cross_entropy(logits, *args, **kwargs)
+
+    monkeypatch.setattr(sequence.F, "cross_entropy", counted_cross_entropy)
     torch.manual_seed(0)
     features = torch.randn(3, 5, 7, 6, requires_grad=True)
     weight, bias = torch.randn(VOCABULARY, 6, requires_grad=True), torch.randn(VOCABULARY, requires_grad=True)
@@ -165,6 +173,7 @@ def test_projected_word_categorical_scores_in_slices_as_the_whole_logits_do(monk
     copies = [t.detach().clone().requires_grad_() for t in (features, weight, bias)]
     theirs = WordCategorical(torch.nn.functional.linear(*copies)).log_prob(words)
     torch.testing.assert_close(ours, theirs)
+    assert slices[:35] == [(3, VOCABULARY)] * 35  # the projected site's 35 slices; then the reference's whole call
     scales = torch.randn(3, 5, 7)
     (ours * scales).sum().backward()
     (theirs * scales).sum().backward()

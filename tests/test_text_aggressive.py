@@ -46,6 +46,8 @@ def test_the_guide_only_steps_replay_the_compiled_step_and_train_as_the_eager_on
     eager, compiled = results["none"][0], results["trace"][0]
     step = results["trace"][1]
     assert step.compiled.active and step.compiled.graphs  # captured, checked against eager, kept
+    # Guide-only steps (model frozen) and model steps (guide frozen) are captured apart.
+    assert {key[-1] for key in step.compiled.graphs} == {(True, False), (False, True)}
     for name in eager:
         torch.testing.assert_close(compiled[name], eager[name], rtol=1e-4, atol=1e-5, msg=name)
 
@@ -84,6 +86,11 @@ def test_a_guide_only_step_runs_the_output_layer_as_one_matrix_product_and_gives
         torch.manual_seed(1)
         loss, _ = MeanFieldELBO()(model, guide, batch)
         loss.backward()
+    decoder_width = model.decoder.lstm.input_size  # words and z: the encoder's LSTM reads words only
+    onednn_decoder_backward = [
+        event for event in profiled.events() if event.name == "aten::mkldnn_rnn_layer_backward" and event.input_shapes[0][-1:] == [decoder_width]
+    ]
+    assert not onednn_decoder_backward  # the frozen decoder LSTM ran the native kernel, whose backward skips weights
     products = [event for event in profiled.events() if event.name in ("aten::mm", "aten::addmm", "aten::bmm")]
     over_words = [event for event in products if any(vocabulary in shape for shape in event.input_shapes if shape)]
     assert over_words and all(event.name != "aten::bmm" for event in over_words)
@@ -95,9 +102,30 @@ def test_a_guide_only_step_runs_the_output_layer_as_one_matrix_product_and_gives
     # full step (oneDNN LSTM, weights trained) gives it, on the same draws.
     guide.zero_grad(set_to_none=True)
     torch.manual_seed(1)
-    loss, _ = MeanFieldELBO()(model, guide, batch)
-    loss.backward()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as profiled:
+        loss, _ = MeanFieldELBO()(model, guide, batch)
+        loss.backward()
+    assert any(event.name == "aten::mkldnn_rnn_layer_backward" and event.input_shapes[0][-1:] == [decoder_width] for event in profiled.events())
     for name, p in guide.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p.grad, frozen_gradients[name], rtol=1e-4, atol=1e-6, msg=name)
     assert torch.backends.mkldnn.enabled  # switched back after the frozen step
+
+
+def test_the_native_lstm_switch_puts_torchs_flag_back_after_an_error_and_leaves_an_unset_flag_alone():
+    from pyrovae.nn.sequence import _without_weight_gradients_on_cpu
+
+    lstm = torch.nn.LSTM(3, 4)
+    lstm.requires_grad_(False)
+    try:
+        with _without_weight_gradients_on_cpu(lstm) as native:
+            assert native and not torch.backends.mkldnn.enabled
+            raise RuntimeError("inside")
+    except RuntimeError:
+        pass
+    assert torch.backends.mkldnn.enabled
+    with torch.backends.mkldnn.flags(enabled=False), _without_weight_gradients_on_cpu(lstm) as native:
+        assert not native and not torch.backends.mkldnn.enabled
+    lstm.requires_grad_(True)
+    with _without_weight_gradients_on_cpu(lstm) as native:
+        assert not native and torch.backends.mkldnn.enabled

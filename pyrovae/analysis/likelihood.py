@@ -31,11 +31,10 @@ from typing import Mapping
 import torch
 from tqdm.auto import tqdm
 
+from pyrovae.nn.sequence import LOGIT_SLICE_ELEMENTS
 from pyrovae.traces import check_enumeration_in_data_plate, inspect_pair, log_weights, trace_pair
 
 METHODS = ("auto", "traced", "sentence")
-# Positions of the output layer scored per pass on the sentence path: (this, V) logits at a time.
-POSITIONS_PER_PASS = 512
 BYTES = 4
 
 
@@ -179,15 +178,16 @@ def _traced_estimate(model, guide, tensors, particles, extra, batch_size, max_ro
     return ImportanceEstimate(*(torch.cat(part) for part in zip(*results)), particles=particles)
 
 
-def sentence_rows_per_pass(model, length: int, memory_gb: float, positions_per_pass: int = POSITIONS_PER_PASS) -> int:
+def sentence_rows_per_pass(model, length: int, memory_gb: float) -> int:
     """How many (sentence, particle) rows of ``length`` positions one decoder call may hold within
-    ``memory_gb``: the output layer's slice (positions_per_pass x V logits and its exp, fixed)
-    plus, per row and position, the embedding and context read, the decoder's features and its
-    working state (counted as 8 feature widths: the LSTM's four gates and their activations)."""
+    ``memory_gb``: the output layer's slice (``LOGIT_SLICE_ELEMENTS`` logits, its log-softmax and
+    their gather: fixed) plus, per row and position, the embedding and context read, the decoder's
+    features, their copy at the real positions and its working state (counted as 9 feature widths:
+    the LSTM's four gates and their activations, and the copy)."""
     decoder = model.decoder
-    vocabulary, width = decoder.output.out_features, decoder.output.in_features
-    fixed = 3 * positions_per_pass * vocabulary * BYTES
-    per_row = length * (decoder.embedding.embedding_dim + decoder.context_dim + 8 * width) * BYTES
+    width = decoder.output.in_features
+    fixed = 3 * LOGIT_SLICE_ELEMENTS * BYTES
+    per_row = length * (decoder.embedding.embedding_dim + decoder.context_dim + 9 * width) * BYTES
     return max(1, int((memory_gb * 1e9 - fixed) // per_row))
 
 

@@ -85,6 +85,26 @@ class LSTMEncoder(nn.Module):
         return outputs.gather(1, last).squeeze(1)
 
 
+# The output layer and its log-softmax run on slices of at most this many (position, word) logits:
+# 8 MB in float32. A whole batch's logits (64 x 40 x 4,592 = 47 MB) would be a fresh allocation of
+# the process (glibc maps blocks above 32 MB anew each time), paid for in page faults on every first
+# touch: about 20 ms a buffer, four buffers a training step, on the project's CPU.
+LOGIT_SLICE_ELEMENTS = 2**21
+
+
+def word_log_probs(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+    """log softmax(W h_p + b)[w_p] for features h (P, F) and words w (P,): (P,). The output layer
+    and the fused log-softmax of ``cross_entropy`` run on slices of at most ``LOGIT_SLICE_ELEMENTS``
+    logits, so no (P, V) tensor, nor its gradient, is ever held whole; the values and gradients are
+    those of scoring the whole logits."""
+    rows = max(1, LOGIT_SLICE_ELEMENTS // weight.shape[0])
+    scores = [
+        F.cross_entropy(torch.addmm(bias, part, weight.t()), part_words, reduction="none")
+        for part, part_words in zip(features.split(rows), words.split(rows))
+    ]
+    return -torch.cat(scores)
+
+
 class DecoderCore(nn.Module):
     """Shared shape handling of the autoregressive decoders.
 
@@ -133,37 +153,17 @@ class DecoderCore(nn.Module):
         """What the output layer reads at each position, (rows, T, F)."""
         raise NotImplementedError
 
-    def sequence_log_prob(
-        self,
-        inputs: torch.Tensor,
-        targets: torch.Tensor,
-        mask: torch.Tensor,
-        context: torch.Tensor | None = None,
-        positions_per_pass: int = 4096,
-    ) -> torch.Tensor:
+    def sequence_log_prob(self, inputs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """sum_{t : mask[r, t]} log softmax(logits_{r, t})[targets_{r, t}] per row r, (rows,), for
         rows of ``inputs``, ``targets`` and ``mask`` (rows, T) and a context (rows, C) or None.
 
-        The same numbers as scoring :meth:`teacher_forced`'s logits, computed without ever
-        holding them: the output layer runs only at the real positions, ``positions_per_pass``
-        of them at a time, and each pass keeps the target's log-softmax only, so memory beyond the
-        features is (positions_per_pass, V) whatever the rows."""
-        if positions_per_pass < 1:
-            raise ValueError(f"positions_per_pass = {positions_per_pass!r}: it must be >= 1")
-        features = self.dropout(self.features(inputs, context))
+        The same numbers as scoring :meth:`forward`'s logits, computed without ever holding them:
+        the output layer runs only at the real positions, through :func:`word_log_probs`."""
+        features = self.output_features(inputs, context)
         real = mask.reshape(-1).nonzero().squeeze(-1)
-        rows = real // mask.shape[1]
-        flat_features = features.reshape(-1, features.shape[-1])
-        flat_targets = targets.reshape(-1)
-        weight, bias = self.output.weight, self.output.bias
-        scores = features.new_zeros(real.shape[0])
-        for begin in range(0, real.shape[0], positions_per_pass):
-            index = real[begin : begin + positions_per_pass]
-            chunk = flat_features.index_select(0, index)
-            words = flat_targets.index_select(0, index)
-            # The fused log-softmax of cross_entropy: a third of the time of logsumexp and a gather.
-            scores[begin : begin + index.shape[0]] = -F.cross_entropy(torch.addmm(bias, chunk, weight.t()), words, reduction="none")
-        return features.new_zeros(mask.shape[0]).index_add_(0, rows, scores)
+        at_real = features.reshape(-1, features.shape[-1]).index_select(0, real)
+        scores = word_log_probs(at_real, self.output.weight, self.output.bias, targets.reshape(-1).index_select(0, real))
+        return features.new_zeros(mask.shape[0]).index_add_(0, real // mask.shape[1], scores)
 
     def _check_context(self, context: torch.Tensor | None) -> None:
         width = 0 if context is None else context.shape[-1]
@@ -184,16 +184,20 @@ def _without_weight_gradients_on_cpu(lstm: nn.LSTM):
     aggressive training) on torch's native kernel instead of oneDNN's. oneDNN's LSTM backward
     computes the weight gradients whether or not they are wanted; the native one leaves them out,
     which halves the backward at the sentence VAE's sizes (the same input gradients, to float
-    rounding). Trained weights, no gradient, or CUDA: nothing changes. Yields whether it switched."""
+    rounding). Trained weights, no gradient, or CUDA: nothing changes. Yields whether it switched.
+    The switch is torch's process-wide flag: a program that trains in several threads of one
+    process could see another thread's LSTM (or convolution) take the native kernel meanwhile,
+    which changes its speed, not its values."""
     weight = lstm.weight_hh_l0
     if not (torch.is_grad_enabled() and weight.device.type == "cpu" and not weight.requires_grad and torch.backends.mkldnn.enabled):
         yield False
         return
+    before = torch.backends.mkldnn.enabled
     torch.backends.mkldnn.enabled = False
     try:
         yield True
     finally:
-        torch.backends.mkldnn.enabled = True
+        torch.backends.mkldnn.enabled = before
 
 
 class LSTMState(NamedTuple):

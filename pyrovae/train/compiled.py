@@ -150,7 +150,11 @@ class CompiledStep:
                 items.append((name, "number"))  # an input of the graph: its value is not part of the key
             else:
                 items.append((name, "value", repr(value)))
-        return (tuple(items), tuple(sorted(by_site)), self.model.training, self.guide.training, torch.is_grad_enabled())
+        # Which half is frozen (aggressive training's guide-only and model-only steps) is part of the
+        # key: a captured graph keeps the kernels chosen for it (a frozen CPU decoder LSTM runs the
+        # native kernel, a trained one oneDNN's), so each kind of step gets its own capture.
+        frozen = tuple(not any(p.requires_grad for p in part.parameters()) for part in (self.model, self.guide))
+        return (tuple(items), tuple(sorted(by_site)), self.model.training, self.guide.training, torch.is_grad_enabled(), frozen)
 
     def _state(self) -> tuple[list[str], list[torch.Tensor]]:
         """Names and tensors of every parameter and buffer of the pair (each once). The tensors
