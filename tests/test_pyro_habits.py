@@ -173,6 +173,11 @@ def test_the_readme_lead_example_trains_as_written(tmp_path, monkeypatch, capsys
     final = json.loads((run / "final.json").read_text())
     assert final["test_log_likelihood"] > final["test_elbo"] - 1.0
     assert (run / "samples.png").exists()
+    # The run folder stands for the experiment from anywhere: the user's module is found again.
+    monkeypatch.chdir(run.parent)
+    capsys.readouterr()
+    assert main(["train", str(run), "--resume", "--set", "train.epochs=3", "--set", "evaluate.particles=20", "--no-progress"]) == 0
+    assert json.loads((run / "final.json").read_text())["epochs"] == 3
 
 
 def test_batch_norm_folds_enumeration_dims_and_leaves_user_layouts_alone():
