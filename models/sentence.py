@@ -27,8 +27,8 @@ from torch import nn
 from pyrovae.distributions import StandardNormal
 from pyrovae.errors import DataError
 from pyrovae.likelihoods import ProjectedWordCategorical
-from pyrovae.nn import DilatedCNNDecoderCore, LSTMDecoderCore, check_sizes, real_positions, teacher_forcing_inputs, word_dropout
-from pyrovae.pair import DataSpec, LatentSite, Model
+from pyrovae.nn import MLP, DilatedCNNDecoderCore, LSTMDecoderCore, check_sizes, real_positions, teacher_forcing_inputs, word_dropout
+from pyrovae.pair import DataSpec, LatentSite, Model, auxiliary_term
 from pyrovae.registry import MODELS
 from pyrovae.tokens import EOS, SPECIAL_TOKENS
 
@@ -74,10 +74,15 @@ class SentenceVAEConfig(SentenceDecoderConfig):
     # LSTM decoder: also concatenate c = z (and the label embedding) to every input embedding, not
     # only initialise the state from it (the dilated CNN always reads c at every input).
     z_every_step: bool = True
+    # Zhao et al. 2017's bag-of-words loss: in training, also predict the sentence's words, in
+    # any order, from z alone, weighted so (0: off). An auxiliary term, not part of p(x, z).
+    bag_of_words_weight: float = 0.0
 
     def __post_init__(self):
         super().__post_init__()
         check_sizes(latent_dim=self.latent_dim)
+        if not self.bag_of_words_weight >= 0.0:
+            raise ValueError(f"bag_of_words_weight = {self.bag_of_words_weight!r} is not allowed: it must be >= 0 (0 turns it off)")
         if not self.z_every_step and self.decoder != "lstm":
             raise ValueError("z_every_step = false needs decoder = 'lstm': the dilated CNN has no state to start from z")
 
@@ -219,12 +224,31 @@ class SentenceVAE(SentenceDecoderModel):
 
     with w_0 = <bos> and w_{t-1} = x_{n,t-1}, or <unk> with probability 1 - ``word_keep`` in
     training (word dropout). The inference network is the ``sentence_lstm`` guide.
+
+    With ``bag_of_words_weight = lambda > 0`` (Zhao et al. 2017), training also maximises
+
+        lambda sum_{t < L_n, x_{n,t} != <eos>} log softmax(f_bow(z_n))_{x_{n,t}},
+        f_bow = Linear -> tanh -> Linear (latent_dim -> hidden -> V),
+
+    which only z can serve (f_bow sees no earlier words), so the guide must put the sentence's
+    words into z. It is an auxiliary term (:func:`pyrovae.pair.auxiliary_term`): absent in eval
+    mode, and left out of the elbo, the NLL and every other reported number.
     """
 
     Config = SentenceVAEConfig
 
     def __init__(self, config: SentenceVAEConfig, data: DataSpec):
         super().__init__(config, data, latent_size=config.latent_dim, context_every_step=config.z_every_step)
+        self.bag_of_words = (
+            MLP(config.latent_dim, [config.hidden], data.num_categories) if config.bag_of_words_weight > 0 else None
+        )
+
+    def bag_of_words_log_prob(self, z: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """sum_{t < L_n, x_{n,t} != <eos>} log softmax(f_bow(z_n))_{x_{n,t}}: (..., N) for z (..., N, D)
+        and x, mask (N, T)."""
+        log_probs = torch.log_softmax(self.bag_of_words(z), -1)
+        words = log_probs.gather(-1, x.expand(log_probs.shape[:-2] + x.shape))
+        return (words * (mask & (x != EOS)).to(words.dtype)).sum(-1)
 
     @property
     def latent_sites(self):
@@ -246,6 +270,8 @@ class SentenceVAE(SentenceDecoderModel):
             prior = StandardNormal((x.shape[0],), (self.config.latent_dim,), dtype=self.decoder.output.weight.dtype, device=x.device)
             z = pyro.sample("z", prior)
             self.observe(x, mask, self.decoder_context(z, y), word_keep)
+            if self.bag_of_words is not None and self.training:
+                auxiliary_term("bag_of_words", self.config.bag_of_words_weight * self.bag_of_words_log_prob(z, x, mask))
 
 
 @MODELS.register("language_model")

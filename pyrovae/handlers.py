@@ -13,6 +13,9 @@ Beta = Union[float, torch.Tensor, Mapping[str, Union[float, torch.Tensor]]]
 # kl_scale writes the scale a site had before beta multiplied it into ``msg["infer"]`` under
 # this key, so reported numbers can undo beta (and only beta) even when beta is 0.
 UNANNEALED_SCALE = "unannealed_scale"
+# An auxiliary training term (pyrovae.pair.auxiliary_term) carries this key: objectives add it to
+# the loss, and every reported number (elbo, reconstruction, log p(x)) leaves it out.
+AUXILIARY_TERM = "pyrovae_auxiliary_term"
 
 
 class kl_scale(Messenger):

@@ -32,6 +32,7 @@ from pyro.poutine.util import prune_subsample_sites
 from torch.distributions import constraints
 
 from pyrovae.errors import DataError, MissingLatentSitesError, PairMismatchError
+from pyrovae.handlers import AUXILIARY_TERM
 from pyrovae.particles import make_batch_norm_particle_safe
 
 LABEL_FORMATS = ("integer", "multi_hot")
@@ -469,6 +470,21 @@ class Model(_TorchOwnedParameters):
         likelihood = getattr(self, "likelihood", None)
         if likelihood is not None and hasattr(likelihood, "check_data"):
             likelihood.check_data(batch["x"])
+
+
+def auxiliary_term(name: str, value: torch.Tensor) -> None:
+    """Add ``value`` (shaped like the enclosing plates, e.g. one score per datapoint inside the data
+    plate) to what training maximises, as ``pyro.factor`` would, while keeping it out of p(x, z):
+
+        training objective = ELBO + sum_n value_n,
+
+    for an auxiliary loss such as Zhao et al. 2017's bag-of-words term. Every reported number
+    leaves it out (``elbo``, ``reconstruction``, the importance-sampled log p(x), ArviZ's
+    log-likelihoods: :func:`pyrovae.traces.observed_sites` with ``auxiliary=False``); the ELBO
+    objectives report it apart as the metric ``auxiliary/<name>``. A model adds it in training
+    only (``if self.training``), so evaluation runs the generative model alone."""
+    unit = pyro.distributions.Unit(value)
+    pyro.sample(name, unit, obs=unit.sample(), infer={"is_auxiliary": True, AUXILIARY_TERM: True})
 
 
 def _missing_latent_sites(model_name: str) -> str:

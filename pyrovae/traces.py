@@ -28,7 +28,7 @@ from pyro.distributions.util import scale_and_mask
 from pyro.poutine.enum_messenger import EnumMessenger
 from pyro.poutine.util import site_is_subsample
 
-from pyrovae.handlers import UNANNEALED_SCALE
+from pyrovae.handlers import AUXILIARY_TERM, UNANNEALED_SCALE
 
 DATA_PLATE = "data"
 PARTICLE_PLATE = "particles"
@@ -42,8 +42,19 @@ def latent_sites(trace):
     ]
 
 
-def observed_sites(trace):
-    return [(name, site) for name, site in trace.nodes.items() if site["type"] == "sample" and site["is_observed"]]
+def observed_sites(trace, auxiliary: bool = True):
+    """The observed sites, as the loss scores them; ``auxiliary=False`` leaves out auxiliary training
+    terms (:func:`pyrovae.pair.auxiliary_term`), which are not part of p(x, z): what every reported
+    number reads."""
+    return [
+        (name, site)
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample" and site["is_observed"] and (auxiliary or not is_auxiliary_term(site))
+    ]
+
+
+def is_auxiliary_term(site) -> bool:
+    return bool(site["infer"].get(AUXILIARY_TERM))
 
 
 def reported_log_prob(site) -> torch.Tensor:
@@ -210,15 +221,16 @@ def log_weight_terms(model_trace, guide_trace, max_plate_nesting: int, with_part
 
     Returns ``(reconstruction, {site: log p(z_site) - log q(z_site)})``, each shaped
     ``(K, B)`` or ``(B,)`` (with enumeration dims on the left where present). ``scaled=True``
-    uses the log-densities as scored (KL annealing included), ``scaled=False`` the reported
-    ones (:func:`reported_log_prob`: masks honoured, beta undone). The guide term of an
+    uses the log-densities as scored (KL annealing and auxiliary training terms included),
+    ``scaled=False`` the reported ones (:func:`reported_log_prob`: masks honoured, beta undone,
+    auxiliary terms left out). The guide term of an
     enumerated guide site is left out: summing the weights over its values (see
     :func:`log_weights`) is the exact sum that replaces sampling it (for elements a mask
     hides from the site, the sum becomes an average: see ``enumeration_mass``).
     """
     read = (lambda site: site["log_prob"]) if scaled else reported_log_prob
     reconstruction = 0.0
-    for _, site in observed_sites(model_trace):
+    for _, site in observed_sites(model_trace, auxiliary=scaled):
         reconstruction = reconstruction + per_datapoint(site, read(site), max_plate_nesting, with_particles)
     latent_terms = {}
     for name, site in latent_sites(model_trace):

@@ -406,6 +406,93 @@ def test_a_toml_experiment_builds_the_pair_and_schedules_word_keep():
     assert experiment.inputs() == {"word_keep": 0.5}
 
 
+
+# --- Zhao et al. 2017's bag-of-words term ------------------------------------------------------------
+
+
+def bag_of_words_by_hand(model, z: torch.Tensor, batch) -> torch.Tensor:
+    """sum over each row's real words (not <eos>) of log softmax(f_bow(z_n))[word], one row at a time."""
+    totals = []
+    for n in range(z.shape[0]):
+        log_probs = torch.log_softmax(model.bag_of_words(z[n]), -1)
+        words = [int(w) for w in batch["x"][n, : int(batch["lengths"][n])] if int(w) != EOS]
+        totals.append(sum(log_probs[w] for w in words))
+    return torch.stack(totals)
+
+
+@pytest.mark.parametrize("objective_name", ["meanfield_elbo", "elbo", "free_bits", "iwae"])
+def test_the_bag_of_words_term_is_in_the_training_loss_and_in_no_reported_number(objective_name, data):
+    torch.manual_seed(0)
+    model, guide = vae_pair(data, "dilated_cnn", bag_of_words_weight=2.0)
+    options = {"threshold": 0.5, "objective": "meanfield_elbo"} if objective_name == "free_bits" else {}
+    objective = build_objective(objective_name, **options)
+    batch = data.rows("train", 0, 16)
+    model.train(), guide.train()
+    pyro.set_rng_seed(0)
+    loss, metrics = objective(model, guide, batch)
+    model.eval(), guide.eval()
+    pyro.set_rng_seed(0)
+    _, plain = objective(model, guide, batch)  # eval mode: the generative model alone, same draws
+    assert "auxiliary/bag_of_words" not in plain
+    for key in ("elbo", "reconstruction", "kl/z"):  # reported numbers leave the term out
+        torch.testing.assert_close(metrics[key], plain[key])
+    if objective_name == "iwae":
+        torch.testing.assert_close(metrics["iwae"], plain["iwae"])
+        return
+    pyro.set_rng_seed(0)
+    z = poutine.trace(guide).get_trace(**batch).nodes["z"]["value"]  # the objective's draw (guide first)
+    expected = 2.0 * bag_of_words_by_hand(model, z, batch).mean()
+    torch.testing.assert_close(metrics["auxiliary/bag_of_words"], expected)
+    if objective_name != "free_bits":  # the loss is minus (ELBO + term)
+        torch.testing.assert_close(loss, -(metrics["elbo"] + metrics["auxiliary/bag_of_words"]))
+
+
+def test_the_bag_of_words_term_trains_the_guide_and_leaves_evaluation_alone(data):
+    torch.manual_seed(0)
+    model, guide = vae_pair(data, "dilated_cnn", bag_of_words_weight=1.0)
+    batch = {**data.rows("train", 0, 16), "word_keep": 1.0}
+    model.train(), guide.train()
+    pyro.set_rng_seed(0)
+    model_trace, _ = trace_pair(model, guide, batch, max_plate_nesting=1)
+    assert model_trace.nodes["bag_of_words"]["infer"]["is_auxiliary"]  # Pyro's own mark, as pyro.factor's
+    term = model_trace.nodes["bag_of_words"]["log_prob_sum"]
+    gradients = torch.autograd.grad(term, [guide.head.weight, model.bag_of_words[0].weight])
+    assert all(bool(g.abs().sum() > 0) for g in gradients)  # z must carry the words: the guide learns from it
+    model.eval()
+    pyro.set_rng_seed(0)
+    model_trace, _ = trace_pair(model, guide, batch, max_plate_nesting=1)
+    assert "bag_of_words" not in model_trace.nodes
+    with pytest.raises(ValueError, match=r"bag_of_words_weight = -1.0 is not allowed: it must be >= 0"):
+        SentenceVAEConfig(bag_of_words_weight=-1.0)
+
+
+def test_a_fit_with_the_bag_of_words_term_reports_it_apart(data):
+    torch.manual_seed(0)
+    model, guide = vae_pair(data, "dilated_cnn", bag_of_words_weight=1.0)
+    config = TrainConfig(epochs=2, batch_size=16, device="cpu", lr=1e-2)
+    result = fit(model, guide, build_objective("meanfield_elbo"), data, config, progress=False)
+    first, last = result.state.history[0], result.state.history[-1]
+    assert last["train/auxiliary/bag_of_words"] > first["train/auxiliary/bag_of_words"]
+    assert not any("auxiliary" in key for key in last if key.startswith("val"))
+
+
+def test_the_bag_of_words_term_is_captured_by_the_compiled_step(data):
+    from tests.test_compiled_step import assert_same, eager_and_compiled
+
+    torch.manual_seed(0)
+    model, guide = vae_pair(data, "dilated_cnn", bag_of_words_weight=1.0)
+    batch = {**data.rows("train", 0, 16), "word_keep": 1.0}
+    objective = build_objective("free_bits", threshold=0.5, objective="meanfield_elbo")
+    pyro.enable_validation(False)  # as the fit loop captures
+    try:
+        results, step, messages = eager_and_compiled(model, guide, objective, batch, beta=0.5)
+    finally:
+        pyro.enable_validation(True)
+    assert step.active and step.graphs, messages
+    assert "auxiliary/bag_of_words" in results[1][1]
+    assert_same(results)
+
+
 # --- configuration errors ------------------------------------------------------------------------
 
 

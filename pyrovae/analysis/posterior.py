@@ -219,7 +219,7 @@ class _DrawReader:
             choice = torch.distributions.Categorical(logits=logits).sample()  # (S, B) flat index into E
         pick = _Picker(enum_shape, choice, particles, batch)
         out = {"log_weight": sum_out_enumeration(total, True).cpu()}
-        for name, site in observed_sites(model_trace):
+        for name, site in observed_sites(model_trace, auxiliary=False):
             if site["infer"].get("_deterministic"):
                 continue
             out[f"ll:{name}"] = pick(per_datapoint(site, reported_log_prob(site), n, True), 0).cpu()

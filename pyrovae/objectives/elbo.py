@@ -25,7 +25,7 @@ from torch.distributions import Distribution, kl_divergence
 from pyrovae.errors import UnsupportedPairError
 from pyrovae.objectives.base import Metrics, Objective, batch_size, stacked_metrics
 from pyrovae.registry import OBJECTIVES
-from pyrovae.traces import PairInfo, latent_sites, observed_sites, preserved_rng, reported_log_prob_sum
+from pyrovae.traces import PairInfo, is_auxiliary_term, latent_sites, observed_sites, preserved_rng, reported_log_prob_sum
 
 
 class TracedLoss(NamedTuple):
@@ -43,14 +43,19 @@ def _total(terms: list[torch.Tensor]) -> torch.Tensor:
 
 def summed_metrics(model_trace, kl_by_site: dict[str, torch.Tensor], count: int) -> Metrics:
     """Per-datapoint metrics from summed (over batch and particles) reported terms. A model
-    without latent sites has no KL terms: its elbo is its reconstruction, log p(x)."""
+    without latent sites has no KL terms: its elbo is its reconstruction, log p(x). An auxiliary
+    training term (:func:`pyrovae.pair.auxiliary_term`) is in the loss but not in the elbo: it is
+    reported apart, as ``auxiliary/<site>``."""
     with torch.no_grad():
-        observed = [reported_log_prob_sum(site) for _, site in observed_sites(model_trace)]
+        observed = [reported_log_prob_sum(site) for _, site in observed_sites(model_trace, auxiliary=False)]
         reconstruction = _total(observed)
         kls = list(kl_by_site.values())
         elbo = reconstruction - _total(kls) if kls else reconstruction
+        auxiliary = {f"auxiliary/{name}": site["log_prob_sum"] for name, site in observed_sites(model_trace) if is_auxiliary_term(site)}
     return stacked_metrics(
-        ["reconstruction", "elbo", *(f"kl/{name}" for name in kl_by_site)], [reconstruction, elbo, *kls], 1.0 / count
+        ["reconstruction", "elbo", *(f"kl/{name}" for name in kl_by_site), *auxiliary],
+        [reconstruction, elbo, *kls, *auxiliary.values()],
+        1.0 / count,
     )
 
 

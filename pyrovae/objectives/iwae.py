@@ -11,7 +11,7 @@ import torch
 from pyrovae.errors import UnsupportedPairError
 from pyrovae.objectives.base import Objective, stacked_metrics
 from pyrovae.registry import OBJECTIVES
-from pyrovae.traces import PairInfo, latent_sites, log_mean_exp, log_weight_terms, per_datapoint
+from pyrovae.traces import PairInfo, is_auxiliary_term, latent_sites, log_mean_exp, log_weight_terms, observed_sites, per_datapoint
 
 
 class _ScaleGradient(torch.autograd.Function):
@@ -154,8 +154,9 @@ class IWAE(Objective):
         if use_dreg:
             holder["weights"] = torch.softmax(log_weights.detach(), 0)
         with torch.no_grad():
-            if any("unannealed_scale" in site["infer"] for t in (model_trace, guide_trace) for _, site in latent_sites(t)):
-                # Annealing: report the unannealed bound.
+            annealed = any("unannealed_scale" in site["infer"] for t in (model_trace, guide_trace) for _, site in latent_sites(t))
+            if annealed or any(is_auxiliary_term(site) for _, site in observed_sites(model_trace)):
+                # Annealing or an auxiliary training term: report the model's own, unannealed bound.
                 plain_reconstruction, plain_terms = log_weight_terms(model_trace, guide_trace, nesting, True, scaled=False)
                 plain_log_weights = plain_reconstruction + sum(plain_terms.values())
                 plain_bound = log_mean_exp(plain_log_weights, 0)

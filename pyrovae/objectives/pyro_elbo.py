@@ -292,7 +292,7 @@ def _total(site, nesting: int) -> torch.Tensor:
 
 def _run_terms(model_trace, guide_trace, nesting: int) -> dict[str, torch.Tensor]:
     """``reconstruction`` and ``kl/<site>`` of one run, summed over the batch (and vectorized particles)."""
-    observed = [_total(site, nesting) for _, site in observed_sites(model_trace)]
+    observed = [_total(site, nesting) for _, site in observed_sites(model_trace, auxiliary=False)]
     terms = {"reconstruction": torch.stack(observed).sum() if observed else torch.zeros(())}
     for name, site in latent_sites(model_trace):
         if name in guide_trace.nodes:
