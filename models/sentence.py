@@ -75,13 +75,15 @@ class SentenceVAEConfig(SentenceDecoderConfig):
     # only initialise the state from it (the dilated CNN always reads c at every input).
     z_every_step: bool = True
     # Zhao et al. 2017's bag-of-words loss: in training, also predict the sentence's words, in
-    # any order, from z alone, weighted so (0: off). An auxiliary term, not part of p(x, z).
-    bag_of_words_weight: float = 0.0
+    # any order, from z alone, weighted so. An auxiliary term, not part of p(x, z). None (or 0):
+    # off; None rather than 0.0 as the default keeps the fingerprint of run folders written
+    # before the option, so they still evaluate and resume.
+    bag_of_words_weight: float | None = None
 
     def __post_init__(self):
         super().__post_init__()
         check_sizes(latent_dim=self.latent_dim)
-        if not self.bag_of_words_weight >= 0.0:
+        if self.bag_of_words_weight is not None and not self.bag_of_words_weight >= 0.0:
             raise ValueError(f"bag_of_words_weight = {self.bag_of_words_weight!r} is not allowed: it must be >= 0 (0 turns it off)")
         if not self.z_every_step and self.decoder != "lstm":
             raise ValueError("z_every_step = false needs decoder = 'lstm': the dilated CNN has no state to start from z")
@@ -240,7 +242,7 @@ class SentenceVAE(SentenceDecoderModel):
     def __init__(self, config: SentenceVAEConfig, data: DataSpec):
         super().__init__(config, data, latent_size=config.latent_dim, context_every_step=config.z_every_step)
         self.bag_of_words = (
-            MLP(config.latent_dim, [config.hidden], data.num_categories) if config.bag_of_words_weight > 0 else None
+            MLP(config.latent_dim, [config.hidden], data.num_categories) if config.bag_of_words_weight else None
         )
 
     def bag_of_words_log_prob(self, z: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
