@@ -83,8 +83,8 @@ class SentenceVAEConfig(SentenceDecoderConfig):
     def __post_init__(self):
         super().__post_init__()
         check_sizes(latent_dim=self.latent_dim)
-        if self.bag_of_words_weight is not None and not self.bag_of_words_weight >= 0.0:
-            raise ValueError(f"bag_of_words_weight = {self.bag_of_words_weight!r} is not allowed: it must be >= 0 (0 turns it off)")
+        if self.bag_of_words_weight is not None and not 0.0 <= self.bag_of_words_weight < float("inf"):
+            raise ValueError(f"bag_of_words_weight = {self.bag_of_words_weight!r} is not allowed: it must be a finite number >= 0 (0 turns it off)")
         if not self.z_every_step and self.decoder != "lstm":
             raise ValueError("z_every_step = false needs decoder = 'lstm': the dilated CNN has no state to start from z")
 
@@ -272,7 +272,7 @@ class SentenceVAE(SentenceDecoderModel):
             prior = StandardNormal((x.shape[0],), (self.config.latent_dim,), dtype=self.decoder.output.weight.dtype, device=x.device)
             z = pyro.sample("z", prior)
             self.observe(x, mask, self.decoder_context(z, y), word_keep)
-            if self.bag_of_words is not None and self.training:
+            if self.config.bag_of_words_weight and self.training:
                 auxiliary_term("bag_of_words", self.config.bag_of_words_weight * self.bag_of_words_log_prob(z, x, mask))
 
 

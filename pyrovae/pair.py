@@ -480,9 +480,10 @@ def auxiliary_term(name: str, value: torch.Tensor) -> None:
 
     for an auxiliary loss such as Zhao et al. 2017's bag-of-words term. Every reported number
     leaves it out (``elbo``, ``reconstruction``, the importance-sampled log p(x), ArviZ's
-    log-likelihoods: :func:`pyrovae.traces.observed_sites` with ``auxiliary=False``); the ELBO
-    objectives report it apart as the metric ``auxiliary/<name>``. A model adds it in training
-    only (``if self.training``), so evaluation runs the generative model alone."""
+    log-likelihoods: :func:`pyrovae.traces.observed_sites` with ``auxiliary=False``); pyrovae's
+    objectives report it apart as the metric ``auxiliary/<name>`` (IWAE adds its mean over the
+    particles to the bound, outside the log-mean-exp). A model adds it in training only
+    (``if self.training``), so evaluation runs the generative model alone."""
     unit = pyro.distributions.Unit(value)
     pyro.sample(name, unit, obs=unit.sample(), infer={"is_auxiliary": True, AUXILIARY_TERM: True})
 

@@ -221,16 +221,16 @@ def log_weight_terms(model_trace, guide_trace, max_plate_nesting: int, with_part
 
     Returns ``(reconstruction, {site: log p(z_site) - log q(z_site)})``, each shaped
     ``(K, B)`` or ``(B,)`` (with enumeration dims on the left where present). ``scaled=True``
-    uses the log-densities as scored (KL annealing and auxiliary training terms included),
-    ``scaled=False`` the reported ones (:func:`reported_log_prob`: masks honoured, beta undone,
-    auxiliary terms left out). The guide term of an
+    uses the log-densities as scored (KL annealing included), ``scaled=False`` the reported
+    ones (:func:`reported_log_prob`: masks honoured, beta undone). Auxiliary training terms are
+    not part of log w (:func:`auxiliary_terms` reads them). The guide term of an
     enumerated guide site is left out: summing the weights over its values (see
     :func:`log_weights`) is the exact sum that replaces sampling it (for elements a mask
     hides from the site, the sum becomes an average: see ``enumeration_mass``).
     """
     read = (lambda site: site["log_prob"]) if scaled else reported_log_prob
     reconstruction = 0.0
-    for _, site in observed_sites(model_trace, auxiliary=scaled):
+    for _, site in observed_sites(model_trace, auxiliary=False):
         reconstruction = reconstruction + per_datapoint(site, read(site), max_plate_nesting, with_particles)
     latent_terms = {}
     for name, site in latent_sites(model_trace):
@@ -243,6 +243,16 @@ def log_weight_terms(model_trace, guide_trace, max_plate_nesting: int, with_part
             term = term - per_datapoint(enumerated, enumeration_mass(enumerated, read), max_plate_nesting, with_particles)
         latent_terms[name] = term
     return reconstruction, latent_terms
+
+
+def auxiliary_terms(model_trace, max_plate_nesting: int, with_particles: bool) -> dict[str, torch.Tensor]:
+    """Each auxiliary training term (:func:`pyrovae.pair.auxiliary_term`) per datapoint, ``(K, B)``
+    or ``(B,)`` as :func:`log_weight_terms`: what an objective adds to its bound, outside it."""
+    return {
+        name: per_datapoint(site, site["log_prob"], max_plate_nesting, with_particles)
+        for name, site in observed_sites(model_trace)
+        if is_auxiliary_term(site)
+    }
 
 
 def enumeration_mass(site, read) -> torch.Tensor:

@@ -420,31 +420,45 @@ def bag_of_words_by_hand(model, z: torch.Tensor, batch) -> torch.Tensor:
     return torch.stack(totals)
 
 
-@pytest.mark.parametrize("objective_name", ["meanfield_elbo", "elbo", "free_bits", "iwae"])
+BAG_OF_WORDS_OBJECTIVES = {
+    "meanfield_elbo": {},
+    "elbo": {"particles": 3},
+    "free_bits": {"threshold": 0.5, "objective": "meanfield_elbo"},
+    "iwae": {"particles": 3},
+    "enum_elbo": {},
+    "pyro:RenyiELBO": {"alpha": 0.5, "num_particles": 2},
+}
+
+
+@pytest.mark.parametrize("objective_name", list(BAG_OF_WORDS_OBJECTIVES))
 def test_the_bag_of_words_term_is_in_the_training_loss_and_in_no_reported_number(objective_name, data):
     torch.manual_seed(0)
     model, guide = vae_pair(data, "dilated_cnn", bag_of_words_weight=2.0)
-    options = {"threshold": 0.5, "objective": "meanfield_elbo"} if objective_name == "free_bits" else {}
-    objective = build_objective(objective_name, **options)
+    objective = build_objective(objective_name, **BAG_OF_WORDS_OBJECTIVES[objective_name])
     batch = data.rows("train", 0, 16)
-    model.train(), guide.train()
+    objective(model, guide, batch)  # first call: the objective's one-off checks draw too
+    model.config.bag_of_words_weight = None  # the term off: the generative model alone
     pyro.set_rng_seed(0)
+    plain_loss, plain = objective(model, guide, batch)
+    model.config.bag_of_words_weight = 2.0
+    pyro.set_rng_seed(0)  # the same draws
     loss, metrics = objective(model, guide, batch)
-    model.eval(), guide.eval()
-    pyro.set_rng_seed(0)
-    _, plain = objective(model, guide, batch)  # eval mode: the generative model alone, same draws
-    assert "auxiliary/bag_of_words" not in plain
-    for key in ("elbo", "reconstruction", "kl/z"):  # reported numbers leave the term out
-        torch.testing.assert_close(metrics[key], plain[key])
-    if objective_name == "iwae":
-        torch.testing.assert_close(metrics["iwae"], plain["iwae"])
+    assert not any(key.startswith("auxiliary/") for key in plain)
+    for key in plain:  # every reported number leaves the term out
+        torch.testing.assert_close(metrics[key], plain[key], msg=key)
+    if objective_name.startswith("pyro:"):  # Pyro writes the gradients itself (loss_and_grads)
+        assert float(loss.detach()) > float(plain_loss.detach()) + 1.0  # the loss holds -2 x log-probabilities of words
         return
-    pyro.set_rng_seed(0)
-    z = poutine.trace(guide).get_trace(**batch).nodes["z"]["value"]  # the objective's draw (guide first)
-    expected = 2.0 * bag_of_words_by_hand(model, z, batch).mean()
-    torch.testing.assert_close(metrics["auxiliary/bag_of_words"], expected)
-    if objective_name != "free_bits":  # the loss is minus (ELBO + term)
-        torch.testing.assert_close(loss, -(metrics["elbo"] + metrics["auxiliary/bag_of_words"]))
+    # The loss holds it: its gradient reaches f_bow and, through z, the guide.
+    gradients = torch.autograd.grad(loss, [model.bag_of_words[0].weight, guide.head.weight])
+    assert all(bool(g.abs().sum() > 0) for g in gradients)
+    term = metrics["auxiliary/bag_of_words"]
+    if objective_name != "free_bits":  # the loss is the plain loss minus the term
+        torch.testing.assert_close(loss.detach(), plain_loss.detach() - term)
+    if objective_name in ("meanfield_elbo", "free_bits", "enum_elbo"):  # one draw: the term by hand
+        pyro.set_rng_seed(0)
+        z = poutine.trace(guide).get_trace(**batch).nodes["z"]["value"]  # the objective's draw (guide first)
+        torch.testing.assert_close(term, 2.0 * bag_of_words_by_hand(model, z, batch).mean())
 
 
 def test_the_bag_of_words_term_trains_the_guide_and_leaves_evaluation_alone(data):
@@ -462,18 +476,29 @@ def test_the_bag_of_words_term_trains_the_guide_and_leaves_evaluation_alone(data
     pyro.set_rng_seed(0)
     model_trace, _ = trace_pair(model, guide, batch, max_plate_nesting=1)
     assert "bag_of_words" not in model_trace.nodes
-    with pytest.raises(ValueError, match=r"bag_of_words_weight = -1.0 is not allowed: it must be >= 0"):
-        SentenceVAEConfig(bag_of_words_weight=-1.0)
+    for bad in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match=rf"bag_of_words_weight = {bad} is not allowed: it must be a finite number >= 0"):
+            SentenceVAEConfig(bag_of_words_weight=bad)
 
 
-def test_a_fit_with_the_bag_of_words_term_reports_it_apart(data):
-    torch.manual_seed(0)
-    model, guide = vae_pair(data, "dilated_cnn", bag_of_words_weight=1.0)
-    config = TrainConfig(epochs=2, batch_size=16, device="cpu", lr=1e-2)
-    result = fit(model, guide, build_objective("meanfield_elbo"), data, config, progress=False)
-    first, last = result.state.history[0], result.state.history[-1]
-    assert last["train/auxiliary/bag_of_words"] > first["train/auxiliary/bag_of_words"]
-    assert not any("auxiliary" in key for key in last if key.startswith("val"))
+def test_a_fit_with_the_bag_of_words_term_puts_the_words_into_z(data):
+    # Trained with the term, z predicts the training sentences' words far better than a run without
+    # it, whose f_bow is never trained (both read through the same f_bow head after training).
+    scores = {}
+    for weight in (None, 5.0):
+        torch.manual_seed(0)
+        model, guide = vae_pair(data, "dilated_cnn", bag_of_words_weight=weight or 5.0)
+        if weight is None:
+            model.config.bag_of_words_weight = None  # built with a head, trained without the term
+        config = TrainConfig(epochs=8, batch_size=16, device="cpu", lr=1e-2)
+        result = fit(model, guide, build_objective("meanfield_elbo"), data, config, progress=False)
+        assert ("train/auxiliary/bag_of_words" in result.state.history[-1]) == (weight is not None)
+        assert not any("auxiliary" in key for key in result.state.history[-1] if key.startswith("valid"))
+        batch = data.rows("train", 0, 48)
+        with torch.no_grad():
+            z = poutine.trace(guide).get_trace(**batch).nodes["z"]["value"]
+            scores[weight] = float(bag_of_words_by_hand(model, z, batch).mean())
+    assert scores[5.0] > scores[None] + 1.0, scores
 
 
 def test_the_bag_of_words_term_is_captured_by_the_compiled_step(data):

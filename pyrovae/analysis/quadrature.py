@@ -15,7 +15,7 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
-from pyrovae.traces import latent_sites, per_datapoint, reported_log_prob
+from pyrovae.traces import is_auxiliary_term, latent_sites, per_datapoint, reported_log_prob
 
 
 @dataclass
@@ -75,7 +75,7 @@ def grid_posterior(
                 terms = {
                     name: per_datapoint(node, reported_log_prob(node), nesting, True)  # (chunk, N)
                     for name, node in trace.nodes.items()
-                    if node["type"] == "sample" and not site_is_subsample(node)
+                    if node["type"] == "sample" and not site_is_subsample(node) and not is_auxiliary_term(node)
                 }
                 log_joint.append(sum(terms.values()))
                 log_prior.append(terms[site])

@@ -21,7 +21,7 @@ from pyrovae.errors import UnsupportedPairError
 from pyrovae.handlers import UNANNEALED_SCALE
 from pyrovae.objectives.base import Objective, batch_size, stacked_metrics
 from pyrovae.registry import OBJECTIVES
-from pyrovae.traces import enumeration_mass, is_annealed, preserved_rng, reported_log_prob
+from pyrovae.traces import enumeration_mass, is_annealed, is_auxiliary_term, preserved_rng, reported_log_prob
 
 
 class SyncFreeDice(Dice):
@@ -177,7 +177,9 @@ def reported_terms(model_trace, guide_trace) -> dict[str, torch.Tensor]:
     factors: dict = {}  # the model's sum: name -> (ordinal, packed masked density)
     scales = []
     for name, site in _sample_sites(model_trace):
-        if name in enumerated:
+        if is_auxiliary_term(site):  # in the loss, not in log p(x, z): reported apart
+            costs.setdefault(ordering[name], []).append((f"auxiliary/{name}", site["packed"]["log_prob"]))
+        elif name in enumerated:
             density = _masked_density(site)
             factors[name] = (ordering[name], _packed(site, density - enumeration_mass(site, lambda s: density)))
             scales.append(_unannealed_scale(site))
@@ -337,6 +339,8 @@ class EnumELBO(Objective):
             terms = runs[0] if len(runs) == 1 else {key: sum(run[key] for run in runs) for key in runs[0]}
             reconstruction = terms.pop("reconstruction", None)
             reconstruction = torch.zeros_like(loss) if reconstruction is None else reconstruction
+            auxiliary = {key: terms.pop(key) for key in list(terms) if key.startswith("auxiliary/")}
             kls = list(terms.values())
             elbo = reconstruction - (torch.stack(kls).sum() if kls else 0.0)
-        return loss, stacked_metrics(["elbo", "reconstruction", *terms], [elbo, reconstruction, *kls], 1.0 / count)
+            names, values = ["elbo", "reconstruction", *terms, *auxiliary], [elbo, reconstruction, *kls, *auxiliary.values()]
+        return loss, stacked_metrics(names, values, 1.0 / count)

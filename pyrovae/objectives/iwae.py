@@ -11,7 +11,7 @@ import torch
 from pyrovae.errors import UnsupportedPairError
 from pyrovae.objectives.base import Objective, stacked_metrics
 from pyrovae.registry import OBJECTIVES
-from pyrovae.traces import PairInfo, is_auxiliary_term, latent_sites, log_mean_exp, log_weight_terms, observed_sites, per_datapoint
+from pyrovae.traces import PairInfo, auxiliary_terms, latent_sites, log_mean_exp, log_weight_terms, per_datapoint
 
 
 class _ScaleGradient(torch.autograd.Function):
@@ -143,7 +143,9 @@ class IWAE(Objective):
         reconstruction, latent_terms = log_weight_terms(model_trace, guide_trace, nesting, True, scaled=True)
         log_weights = reconstruction + sum(latent_terms.values())  # (K, B)
         bound = log_mean_exp(log_weights, 0)
-        surrogate = bound
+        # Auxiliary training terms are added to the bound, averaged over the particles, not inside it.
+        auxiliary = {name: term.mean(0) for name, term in auxiliary_terms(model_trace, nesting, True).items()}
+        surrogate = bound + sum(auxiliary.values()) if auxiliary else bound
         if info.score_function_sites and torch.is_grad_enabled():
             signals = vimco_learning_signals(log_weights)
             for name in info.score_function_sites:
@@ -154,9 +156,8 @@ class IWAE(Objective):
         if use_dreg:
             holder["weights"] = torch.softmax(log_weights.detach(), 0)
         with torch.no_grad():
-            annealed = any("unannealed_scale" in site["infer"] for t in (model_trace, guide_trace) for _, site in latent_sites(t))
-            if annealed or any(is_auxiliary_term(site) for _, site in observed_sites(model_trace)):
-                # Annealing or an auxiliary training term: report the model's own, unannealed bound.
+            if any("unannealed_scale" in site["infer"] for t in (model_trace, guide_trace) for _, site in latent_sites(t)):
+                # Annealing: report the unannealed bound.
                 plain_reconstruction, plain_terms = log_weight_terms(model_trace, guide_trace, nesting, True, scaled=False)
                 plain_log_weights = plain_reconstruction + sum(plain_terms.values())
                 plain_bound = log_mean_exp(plain_log_weights, 0)
@@ -167,4 +168,5 @@ class IWAE(Objective):
             values = torch.stack(per_datapoint_terms).mean((1, 2)).unbind()
         metrics = {"iwae": plain_bound.detach().mean(), "elbo": values[0], "reconstruction": values[1]}
         metrics.update({f"kl/{name}": value for name, value in zip(plain_terms, values[2:])})
+        metrics.update({f"auxiliary/{name}": term.detach().mean() for name, term in auxiliary.items()})
         return -surrogate.mean(), metrics

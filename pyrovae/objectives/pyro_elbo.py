@@ -26,7 +26,7 @@ from pyrovae.errors import ConfigError, UnsupportedPairError
 from pyrovae.objectives.base import Objective, batch_size, stacked_metrics
 from pyrovae.objectives.enum import EnumELBO
 from pyrovae.registry import OBJECTIVES
-from pyrovae.traces import PairInfo, batch_device, is_annealed, latent_sites, observed_sites, reported_log_prob
+from pyrovae.traces import PairInfo, batch_device, is_annealed, is_auxiliary_term, latent_sites, observed_sites, reported_log_prob
 
 # Pyro's deprecated spelling of max_plate_nesting: not offered as an option.
 _HIDDEN_OPTIONS = {"max_iarange_nesting"}
@@ -229,7 +229,8 @@ class PyroELBO(Objective):
             metrics = stacked_metrics(["elbo", *names], [total, reconstruction, *kls], 1.0 / per_run)
             if self.own_bound is not None:
                 annealed = any(is_annealed(site) for pair in runs for trace in pair for _, site in latent_sites(trace))
-                if not annealed:
+                auxiliary = any(is_auxiliary_term(site) for model_trace, _ in runs for _, site in observed_sites(model_trace))
+                if not annealed and not auxiliary:
                     bound = -loss.detach()
                 elif self.own_bound == "renyi":
                     bound = _renyi_bound(runs, elbo) / count
@@ -251,7 +252,8 @@ def _scored(model_trace, guide_trace, score_model: bool):
 
 
 def _sample_sites(trace):
-    return [site for site in trace.nodes.values() if site["type"] == "sample"]
+    """The sample sites of p(x, z) or q(z | x), auxiliary training terms left out."""
+    return [site for site in trace.nodes.values() if site["type"] == "sample" and not is_auxiliary_term(site)]
 
 
 def _renyi_bound(runs, elbo) -> torch.Tensor:
@@ -272,6 +274,8 @@ def _tmc_bound(runs, elbo) -> torch.Tensor:
     """``TraceTMC_ELBO``'s estimate (summed over the batch) from the reported log-densities."""
     total = 0.0
     for model_trace, guide_trace in runs:
+        for site in [site for site in model_trace.nodes.values() if site["type"] == "sample" and is_auxiliary_term(site)]:
+            model_trace.remove_node(site["name"])  # a training term, not part of p(x, z)
         guide_trace.pack_tensors()
         model_trace.pack_tensors(guide_trace.plate_to_symbol)
         for site in _sample_sites(model_trace) + _sample_sites(guide_trace):
