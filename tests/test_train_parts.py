@@ -79,6 +79,59 @@ def test_best_and_early_stop_decide_from_the_sequence_of_scores():
     assert [o[0] for o in out] == [True, True, False, False, True] and not any(o[2] for o in out)
 
 
+def test_plateau_decays_come_every_patience_epochs_without_a_better_score_and_can_end_the_run():
+    messages = []
+    selection = BestAndEarlyStop("elbo", say=messages.append, plateau_patience=2, plateau_max_decays=3)
+    state, decays = TrainState(), []
+    for score in [-100.0, -101.0, -102.0, -99.0, -99.5, -99.6, -99.7, -99.8, -99.9, -99.95]:
+        state.epoch += 1
+        state.history.append({"valid/elbo": score})
+        selection.update(state, {"elbo": score})
+        decays.append(state.lr_plateau_decays)
+        if state.stopped_early:
+            break
+    # decay after 2 epochs without a better score (epoch 3); the count of such epochs restarts at
+    # the better epoch 4; decays after epochs 6 and 8, the third ends the run.
+    assert decays == [0, 0, 1, 1, 1, 2, 2, 3] and state.stopped_early
+    assert "learning rates decayed (plateau decay 1) from epoch 4" in messages[0]
+    selection.announce(state)
+    assert "the learning rates have decayed 3 times (train.lr_plateau_max_decays)" in messages[-1]
+
+
+def test_learning_rates_multiply_the_plateau_factor_once_per_decay():
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([{"params": [parameter], "name": "model", "lr": 1.0}], lr=1.0)
+    rates = LearningRates(optimizer, decay=1.0, plateau_factor=0.5)
+    rates.set(TrainState(epoch=4, lr_plateau_decays=2, nonfinite_retries=1))
+    assert optimizer.param_groups[0]["lr"] == 0.5**3
+
+
+def test_a_run_with_plateau_decay_logs_the_decayed_rate_and_resumes_with_it(tmp_path):
+    # lr 5 on the tiny pair: the validation ELBO stops improving within a few epochs.
+    settings = {"epochs": 6, "lr": 5.0, "lr_plateau_patience": 1, "lr_plateau_factor": 0.1}
+    torch.manual_seed(0)
+    whole = fit(*tiny_pair(), ELBO(), tiny_data(), TrainConfig(batch_size=16, **settings), progress=False).state
+    rates = [record["lr"] for record in whole.history]
+    assert whole.lr_plateau_decays >= 1
+    expected = [5.0]
+    for record in whole.history[:-1]:  # each epoch's rate is the last one's, times 0.1 after a worse epoch
+        improved = record["epoch"] == 1 or record["valid/elbo"] > max(r["valid/elbo"] for r in whole.history[: record["epoch"] - 1])
+        expected.append(expected[-1] * (1.0 if improved else 0.1))
+    assert rates == pytest.approx(expected)
+    run = tmp_path / "run"
+    torch.manual_seed(0)
+    fit(*tiny_pair(), ELBO(), tiny_data(), TrainConfig(batch_size=16, **{**settings, "epochs": 3}), run_dir=run, progress=False)
+    torch.manual_seed(0)
+    resumed = fit(*tiny_pair(), ELBO(), tiny_data(), TrainConfig(batch_size=16, **settings), run_dir=run, resume=True, progress=False).state
+    assert [record["lr"] for record in resumed.history] == pytest.approx(rates[: len(resumed.history)])
+    with pytest.raises(ValueError, match=r"train.lr_plateau_factor = 1.0 is not allowed: it must be in \(0, 1\)"):
+        TrainConfig(lr_plateau_patience=2, lr_plateau_factor=1.0)
+    with pytest.raises(ValueError, match=r"train.lr_plateau_patience = 2 needs validation"):
+        TrainConfig(lr_plateau_patience=2, validate=False)
+    with pytest.raises(ValueError, match=r"train.lr_plateau_max_decays = 5 needs train.lr_plateau_patience >= 1"):
+        TrainConfig(lr_plateau_max_decays=5)
+
+
 def test_the_first_epoch_is_the_best_even_when_its_score_is_not_finite():
     out, messages = decisions([math.nan], patience=0)
     assert out == [(True, 1, False)]

@@ -51,14 +51,16 @@ def make_optimizer(model, guide, config) -> torch.optim.Optimizer:
 
 class LearningRates:
     """Each group's learning rate at an epoch's start: its configured rate, times ``decay`` per
-    completed epoch, halved per non-finite recovery. Made before a resume loads the optimizer's
-    state, so the configured rates are the base."""
+    completed epoch, times ``plateau_factor`` per plateau decay so far, halved per non-finite
+    recovery. Made before a resume loads the optimizer's state, so the configured rates are the base."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, decay: float):
-        self.optimizer, self.decay = optimizer, decay
+    def __init__(self, optimizer: torch.optim.Optimizer, decay: float, plateau_factor: float = 1.0):
+        self.optimizer, self.decay, self.plateau_factor = optimizer, decay, plateau_factor
         self.base = [group["lr"] for group in optimizer.param_groups]
 
     def set(self, state) -> None:
-        """The rates for ``state`` (a :class:`~pyrovae.train.state.TrainState`): its epoch and recoveries."""
+        """The rates for ``state`` (a :class:`~pyrovae.train.state.TrainState`): its epoch, plateau
+        decays and recoveries."""
+        factor = self.decay**state.epoch * self.plateau_factor**state.lr_plateau_decays * 0.5**state.nonfinite_retries
         for group, base in zip(self.optimizer.param_groups, self.base):
-            group["lr"] = base * self.decay**state.epoch * 0.5**state.nonfinite_retries
+            group["lr"] = base * factor

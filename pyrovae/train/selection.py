@@ -6,9 +6,14 @@ is, so ``best.pt`` exists even if validation went non-finite; without validation
 the best (``best.pt`` is the latest). After ``patience`` epochs without a better score the run
 stops, and the stop is part of the checkpointed state, so a resume trains no further. It also
 warns when the score is non-finite although training stayed finite, and once when it falls far
-below its first epoch's (divergence without a NaN, see :func:`diverged`). Its state lives in the
-checkpointed :class:`~pyrovae.train.state.TrainState` (``best_valid_score``, ``best_epoch``,
-``epochs_without_improvement``, ``stopped_early``).
+below its first epoch's (divergence without a NaN, see :func:`diverged`).
+
+With ``train.lr_plateau_patience`` (He et al. 2019's schedule), every that many epochs without a
+better score the learning rates decay: ``lr_plateau_decays`` counts the decays, and
+:class:`~pyrovae.train.optim.LearningRates` applies them from the next epoch's start. With
+``lr_plateau_max_decays`` the run stops at that many decays. Its state lives in the checkpointed
+:class:`~pyrovae.train.state.TrainState` (``best_valid_score``, ``best_epoch``,
+``epochs_without_improvement``, ``lr_plateau_decays``, ``stopped_early``), so a resume continues it.
 """
 
 from __future__ import annotations
@@ -35,13 +40,25 @@ class BestAndEarlyStop:
     """:meth:`update` after each epoch (its record already in the history) says whether the epoch is
     the best so far and decides the early stop."""
 
-    def __init__(self, metric: str, patience: int = 0, validate: bool = True, say: Callable[[str], None] = print):
+    def __init__(
+        self,
+        metric: str,
+        patience: int = 0,
+        validate: bool = True,
+        say: Callable[[str], None] = print,
+        plateau_patience: int | None = None,
+        plateau_max_decays: int | None = None,
+    ):
         self.metric, self.patience, self.validate, self.say = metric, patience, validate, say
+        self.plateau_patience, self.plateau_max_decays = plateau_patience or 0, plateau_max_decays or 0
 
     @classmethod
     def for_training(cls, training) -> "BestAndEarlyStop":
         config = training.config
-        return cls(training.selection_metric, config.patience, config.validate, training.say)
+        return cls(
+            training.selection_metric, config.patience, config.validate, training.say,
+            config.lr_plateau_patience, config.lr_plateau_max_decays,
+        )
 
     def update(self, state: TrainState, valid_metrics: dict[str, float]) -> bool:
         """Record the epoch's score in ``state``; returns whether it is the best so far."""
@@ -60,6 +77,13 @@ class BestAndEarlyStop:
             state.epochs_without_improvement = 0
         else:
             state.epochs_without_improvement += 1
+            if self.plateau_patience and state.epochs_without_improvement % self.plateau_patience == 0:
+                # He et al. 2019: every plateau_patience epochs without a better score, decay (see TrainConfig).
+                state.lr_plateau_decays += 1
+                self.say(
+                    f"no better validation {metric} in the last {state.epochs_without_improvement} epoch(s): learning "
+                    f"rates decayed (plateau decay {state.lr_plateau_decays}) from epoch {state.epoch + 1}"
+                )
         state.stopped_early = self.stops(state)
         key = f"valid/{metric}"
         if diverged(state.history, key) and not diverged(state.history[:-1], key):
@@ -71,10 +95,16 @@ class BestAndEarlyStop:
         return improved
 
     def stops(self, state: TrainState) -> bool:
-        """Whether the run is over: ``patience`` epochs without a better score."""
-        return bool(self.patience and state.epochs_without_improvement >= self.patience)
+        """Whether the run is over: ``patience`` epochs without a better score, or the
+        ``plateau_max_decays``-th plateau decay."""
+        return bool(self.patience and state.epochs_without_improvement >= self.patience) or self._decayed_out(state)
+
+    def _decayed_out(self, state: TrainState) -> bool:
+        return bool(self.plateau_max_decays and state.lr_plateau_decays >= self.plateau_max_decays)
 
     def announce(self, state: TrainState) -> None:
         """After an epoch: say so when it ended the run."""
-        if state.stopped_early:
+        if state.stopped_early and self._decayed_out(state):
+            self.say(f"stopping at epoch {state.epoch}: the learning rates have decayed {state.lr_plateau_decays} times (train.lr_plateau_max_decays)")
+        elif state.stopped_early:
             self.say(f"early stopping at epoch {state.epoch}: no better validation {self.metric} for {self.patience} epochs")

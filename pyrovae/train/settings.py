@@ -22,6 +22,13 @@ class TrainConfig:
     lr: float = 1e-3
     # Multiply the learning rates by this factor after every epoch (1: constant).
     lr_decay: float = 1.0
+    # He et al. 2019's plateau decay: after lr_plateau_patience epochs without a better validation
+    # score, multiply the learning rates by lr_plateau_factor, and again after each as many more;
+    # with lr_plateau_max_decays, the run stops at that many decays (as He et al.'s does at 5).
+    # None or 0: off (None, not 0, as the default keeps the fingerprint of earlier run folders).
+    lr_plateau_patience: int | None = None
+    lr_plateau_factor: float = 0.5
+    lr_plateau_max_decays: int | None = None
     # Learning rate of the guide's parameter group; None means the same as lr.
     guide_lr: float | None = None
     optimizer: str = "adam"
@@ -78,6 +85,9 @@ class TrainConfig:
             "batch_size": (self.batch_size >= 1, ">= 1"),
             "lr": (math.isfinite(self.lr) and self.lr > 0, "a finite number > 0"),
             "lr_decay": (0 < self.lr_decay <= 1, "in (0, 1]"),
+            "lr_plateau_patience": (self.lr_plateau_patience is None or self.lr_plateau_patience >= 0, ">= 0 (0: no plateau decay)"),
+            "lr_plateau_factor": (0 < self.lr_plateau_factor < 1, "in (0, 1)"),
+            "lr_plateau_max_decays": (self.lr_plateau_max_decays is None or self.lr_plateau_max_decays >= 0, ">= 0 (0: no limit)"),
             "guide_lr": (self.guide_lr is None or (math.isfinite(self.guide_lr) and self.guide_lr > 0), "a finite number > 0, or left out"),
             "optimizer": (self.optimizer in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
             "weight_decay": (math.isfinite(self.weight_decay) and self.weight_decay >= 0, "a finite number >= 0"),
@@ -97,6 +107,16 @@ class TrainConfig:
         for key, (ok, allowed) in checks.items():
             if not ok:
                 raise ValueError(f"train.{key} = {getattr(self, key)!r} is not allowed: it must be {allowed}")
+        if not self.validate and self.lr_plateau_patience:
+            raise ValueError(
+                f"train.lr_plateau_patience = {self.lr_plateau_patience} needs validation: the plateau decay reads the "
+                "validation score; set train.validate = true"
+            )
+        if self.lr_plateau_max_decays and not self.lr_plateau_patience:
+            raise ValueError(
+                f"train.lr_plateau_max_decays = {self.lr_plateau_max_decays} needs train.lr_plateau_patience >= 1: "
+                "without it the learning rate never decays"
+            )
         if not self.validate and self.patience:
             raise ValueError(f"train.patience = {self.patience} needs validation: early stopping reads the validation score; set train.validate = true")
 

@@ -19,6 +19,8 @@ class TrainState:
     best_epoch: int = -1
     epochs_without_improvement: int = 0
     nonfinite_retries: int = 0
+    # Plateau decays of the learning rates so far (train.lr_plateau_patience).
+    lr_plateau_decays: int = 0
     # Early stopping ended the run: a resume trains no further (it is part of the checkpointed state).
     stopped_early: bool = False
     # Aggressive guide updates: whether the mode is on, the last epoch's validation I(x; z), and the
