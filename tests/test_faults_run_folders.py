@@ -121,6 +121,25 @@ def test_a_damaged_checkpoint_without_a_previous_one_says_what_to_do(tmp_path, c
     assert "best.pt is damaged or truncated" in capsys.readouterr().err
 
 
+def test_a_run_folder_written_before_the_newest_options_still_evaluates_and_resumes(tmp_path, capsys):
+    # Options added later (train.lr_plateau_*) are absent from an older run's config.toml and from
+    # its checkpoints' fingerprints; their defaults must read as absent (None), or every older run
+    # folder would be refused as "written by another experiment".
+    run = tmp_path / "run"
+    Experiment.from_config(tiny_experiment(train={"epochs": 1})).train(run, progress=False)
+    added = ("lr_plateau_patience", "lr_plateau_factor", "lr_plateau_max_decays")
+    config = tomllib.loads((run / "config.toml").read_text())
+    assert not any(key in config["train"] for key in added)  # None defaults are not written out
+    for name in ("best.pt", LATEST):
+        checkpoint = load_checkpoint(run / "checkpoints" / name)
+        for key in added:
+            checkpoint["fingerprint"]["train"].pop(key, None)
+        torch.save(checkpoint, run / "checkpoints" / name)
+    assert main(["evaluate", str(run), "--no-progress", "--particles", "5"]) == 0
+    final = Experiment.from_config(tiny_experiment(train={"epochs": 2})).train(run, resume=True, progress=False)
+    assert final["epochs"] == 2
+
+
 class Exploit:
     """Unpickling this runs a shell command (what a crafted checkpoint can do with weights_only=False)."""
 

@@ -25,9 +25,10 @@ class TrainConfig:
     # He et al. 2019's plateau decay: after lr_plateau_patience epochs without a better validation
     # score, multiply the learning rates by lr_plateau_factor, and again after each as many more;
     # with lr_plateau_max_decays, the run stops at that many decays (as He et al.'s does at 5).
-    # None or 0: off (None, not 0, as the default keeps the fingerprint of earlier run folders).
+    # None or 0: off; the factor's None means 0.5. (None as the default keeps the fingerprint of
+    # run folders written before these options, so they still evaluate and resume.)
     lr_plateau_patience: int | None = None
-    lr_plateau_factor: float = 0.5
+    lr_plateau_factor: float | None = None
     lr_plateau_max_decays: int | None = None
     # Learning rate of the guide's parameter group; None means the same as lr.
     guide_lr: float | None = None
@@ -86,7 +87,7 @@ class TrainConfig:
             "lr": (math.isfinite(self.lr) and self.lr > 0, "a finite number > 0"),
             "lr_decay": (0 < self.lr_decay <= 1, "in (0, 1]"),
             "lr_plateau_patience": (self.lr_plateau_patience is None or self.lr_plateau_patience >= 0, ">= 0 (0: no plateau decay)"),
-            "lr_plateau_factor": (0 < self.lr_plateau_factor < 1, "in (0, 1)"),
+            "lr_plateau_factor": (self.lr_plateau_factor is None or 0 < self.lr_plateau_factor < 1, "in (0, 1)"),
             "lr_plateau_max_decays": (self.lr_plateau_max_decays is None or self.lr_plateau_max_decays >= 0, ">= 0 (0: no limit)"),
             "guide_lr": (self.guide_lr is None or (math.isfinite(self.guide_lr) and self.guide_lr > 0), "a finite number > 0, or left out"),
             "optimizer": (self.optimizer in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
