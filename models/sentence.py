@@ -75,15 +75,13 @@ class SentenceVAEConfig(SentenceDecoderConfig):
     # only initialise the state from it (the dilated CNN always reads c at every input).
     z_every_step: bool = True
     # Zhao et al. 2017's bag-of-words loss: in training, also predict the sentence's words, in
-    # any order, from z alone, weighted so. An auxiliary term, not part of p(x, z). None (or 0):
-    # off; None rather than 0.0 as the default keeps the fingerprint of run folders written
-    # before the option, so they still evaluate and resume.
-    bag_of_words_weight: float | None = None
+    # any order, from z alone, weighted so (0: off). An auxiliary term, not part of p(x, z).
+    bag_of_words_weight: float = 0.0
 
     def __post_init__(self):
         super().__post_init__()
         check_sizes(latent_dim=self.latent_dim)
-        if self.bag_of_words_weight is not None and not 0.0 <= self.bag_of_words_weight < float("inf"):
+        if not 0.0 <= self.bag_of_words_weight < float("inf"):
             raise ValueError(f"bag_of_words_weight = {self.bag_of_words_weight!r} is not allowed: it must be a finite number >= 0 (0 turns it off)")
         if not self.z_every_step and self.decoder != "lstm":
             raise ValueError("z_every_step = false needs decoder = 'lstm': the dilated CNN has no state to start from z")

@@ -23,7 +23,7 @@ from typing import Iterable
 
 from filelock import FileLock, Timeout
 
-from pyrovae.config import dump_toml, is_allowed_setting, load_toml
+from pyrovae.config import dump_toml, is_allowed_setting, load_toml, resolve_config
 from pyrovae.errors import CheckpointError, ConfigError, RunFolderError
 from pyrovae.files import write_text_atomically
 from pyrovae.train import LATEST, previous_path
@@ -167,13 +167,30 @@ def read_run_files(run_dir: Path) -> dict[str, str]:
     return {name: (run_dir / name).read_text(encoding="utf-8") for name in RUN_FILES if (run_dir / name).exists()}
 
 
+def with_todays_defaults(fingerprint: dict) -> dict:
+    """A checkpoint's resolved config with today's defaults written into it (:func:`resolve_config`):
+    an option added to pyrovae after the checkpoint was written is absent from it, and the run
+    trained as that option's default does. As saved where it no longer resolves (an option since
+    renamed or removed), so the comparison names that option. A None in it counts as absent, as in
+    :func:`differences`."""
+    present = {
+        key: {name: value for name, value in table.items() if value is not None} if isinstance(table, dict) else table
+        for key, table in fingerprint.items()
+        if table is not None
+    }
+    try:
+        return resolve_config(present)
+    except (ConfigError, TypeError, ValueError):
+        return fingerprint
+
+
 def check_checkpoint_fingerprint(saved: dict, config: dict, path: Path, allowed: Iterable[str], what: str) -> None:
     """Refuse a checkpoint written by another experiment: its resolved config differs from ``config``
     in a setting not ``allowed`` to differ. Checkpoints without a fingerprint pass."""
     fingerprint = saved.get("fingerprint")
     if not isinstance(fingerprint, dict):
         return
-    changed = differences(fingerprint, config, allowed)
+    changed = differences(with_todays_defaults(fingerprint), config, allowed)
     if changed:
         saved_flat, current_flat = flatten(fingerprint), flatten(config)
         shown = ", ".join(f"{key} ({saved_flat.get(key)!r} there, {current_flat.get(key)!r} here)" for key in changed[:3])

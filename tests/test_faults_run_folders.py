@@ -122,22 +122,29 @@ def test_a_damaged_checkpoint_without_a_previous_one_says_what_to_do(tmp_path, c
 
 
 def test_a_run_folder_written_before_the_newest_options_still_evaluates_and_resumes(tmp_path, capsys):
-    # Options added later (train.lr_plateau_*) are absent from an older run's config.toml and from
-    # its checkpoints' fingerprints; their defaults must read as absent (None), or every older run
-    # folder would be refused as "written by another experiment".
+    # Options added later (here train.lr_plateau_*) are absent from an older run's config.toml and
+    # from its checkpoints' fingerprints: the run trained as their defaults do, so it must not be
+    # refused as "written by another experiment". A value other than the default still is.
     run = tmp_path / "run"
     Experiment.from_config(tiny_experiment(train={"epochs": 1})).train(run, progress=False)
     added = ("lr_plateau_patience", "lr_plateau_factor", "lr_plateau_max_decays")
-    config = tomllib.loads((run / "config.toml").read_text())
-    assert not any(key in config["train"] for key in added)  # None defaults are not written out
+    config_file = run / "config.toml"
+    config_file.write_text("\n".join(line for line in config_file.read_text().splitlines() if not line.startswith(added)) + "\n")
+    assert not any(key in tomllib.loads(config_file.read_text())["train"] for key in added)
     for name in ("best.pt", LATEST):
         checkpoint = load_checkpoint(run / "checkpoints" / name)
         for key in added:
-            checkpoint["fingerprint"]["train"].pop(key, None)
+            del checkpoint["fingerprint"]["train"][key]
         torch.save(checkpoint, run / "checkpoints" / name)
     assert main(["evaluate", str(run), "--no-progress", "--particles", "5"]) == 0
     final = Experiment.from_config(tiny_experiment(train={"epochs": 2})).train(run, resume=True, progress=False)
     assert final["epochs"] == 2
+    checkpoint = load_checkpoint(run / "checkpoints" / LATEST)
+    checkpoint["fingerprint"]["train"].pop("lr_plateau_factor")
+    checkpoint["fingerprint"]["train"]["lr_plateau_patience"] = 3  # as if trained with another setting
+    torch.save(checkpoint, run / "checkpoints" / LATEST)
+    with pytest.raises(CheckpointError, match=r"written by another experiment: .*train.lr_plateau_patience \(3 there, 0 here\)"):
+        Experiment.from_config(tiny_experiment(train={"epochs": 3})).train(run, resume=True, progress=False)
 
 
 class Exploit:

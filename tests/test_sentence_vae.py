@@ -437,7 +437,7 @@ def test_the_bag_of_words_term_is_in_the_training_loss_and_in_no_reported_number
     objective = build_objective(objective_name, **BAG_OF_WORDS_OBJECTIVES[objective_name])
     batch = data.rows("train", 0, 16)
     objective(model, guide, batch)  # first call: the objective's one-off checks draw too
-    model.config.bag_of_words_weight = None  # the term off: the generative model alone
+    model.config.bag_of_words_weight = 0.0  # the term off: the generative model alone
     pyro.set_rng_seed(0)
     plain_loss, plain = objective(model, guide, batch)
     model.config.bag_of_words_weight = 2.0
@@ -485,20 +485,19 @@ def test_a_fit_with_the_bag_of_words_term_puts_the_words_into_z(data):
     # Trained with the term, z predicts the training sentences' words far better than a run without
     # it, whose f_bow is never trained (both read through the same f_bow head after training).
     scores = {}
-    for weight in (None, 5.0):
+    for weight in (0.0, 5.0):
         torch.manual_seed(0)
-        model, guide = vae_pair(data, "dilated_cnn", bag_of_words_weight=weight or 5.0)
-        if weight is None:
-            model.config.bag_of_words_weight = None  # built with a head, trained without the term
+        model, guide = vae_pair(data, "dilated_cnn", bag_of_words_weight=5.0)
+        model.config.bag_of_words_weight = weight  # 0: built with a head, trained without the term
         config = TrainConfig(epochs=8, batch_size=16, device="cpu", lr=1e-2)
         result = fit(model, guide, build_objective("meanfield_elbo"), data, config, progress=False)
-        assert ("train/auxiliary/bag_of_words" in result.state.history[-1]) == (weight is not None)
+        assert ("train/auxiliary/bag_of_words" in result.state.history[-1]) == (weight > 0)
         assert not any("auxiliary" in key for key in result.state.history[-1] if key.startswith("valid"))
         batch = data.rows("train", 0, 48)
         with torch.no_grad():
             z = poutine.trace(guide).get_trace(**batch).nodes["z"]["value"]
             scores[weight] = float(bag_of_words_by_hand(model, z, batch).mean())
-    assert scores[5.0] > scores[None] + 1.0, scores
+    assert scores[5.0] > scores[0.0] + 1.0, scores
 
 
 def test_the_bag_of_words_term_is_captured_by_the_compiled_step(data):

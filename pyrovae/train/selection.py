@@ -46,11 +46,11 @@ class BestAndEarlyStop:
         patience: int = 0,
         validate: bool = True,
         say: Callable[[str], None] = print,
-        plateau_patience: int | None = None,
-        plateau_max_decays: int | None = None,
+        plateau_patience: int = 0,
+        plateau_max_decays: int = 0,
     ):
         self.metric, self.patience, self.validate, self.say = metric, patience, validate, say
-        self.plateau_patience, self.plateau_max_decays = plateau_patience or 0, plateau_max_decays or 0
+        self.plateau_patience, self.plateau_max_decays = plateau_patience, plateau_max_decays
 
     @classmethod
     def for_training(cls, training) -> "BestAndEarlyStop":

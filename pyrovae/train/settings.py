@@ -25,11 +25,10 @@ class TrainConfig:
     # He et al. 2019's plateau decay: after lr_plateau_patience epochs without a better validation
     # score, multiply the learning rates by lr_plateau_factor, and again after each as many more;
     # with lr_plateau_max_decays, the run stops at that many decays (as He et al.'s does at 5).
-    # None or 0: off; the factor's None means 0.5. (None as the default keeps the fingerprint of
-    # run folders written before these options, so they still evaluate and resume.)
-    lr_plateau_patience: int | None = None
-    lr_plateau_factor: float | None = None
-    lr_plateau_max_decays: int | None = None
+    # 0: no plateau decay; no limit.
+    lr_plateau_patience: int = 0
+    lr_plateau_factor: float = 0.5
+    lr_plateau_max_decays: int = 0
     # Learning rate of the guide's parameter group; None means the same as lr.
     guide_lr: float | None = None
     optimizer: str = "adam"
@@ -86,9 +85,9 @@ class TrainConfig:
             "batch_size": (self.batch_size >= 1, ">= 1"),
             "lr": (math.isfinite(self.lr) and self.lr > 0, "a finite number > 0"),
             "lr_decay": (0 < self.lr_decay <= 1, "in (0, 1]"),
-            "lr_plateau_patience": (self.lr_plateau_patience is None or self.lr_plateau_patience >= 0, ">= 0 (0: no plateau decay)"),
-            "lr_plateau_factor": (self.lr_plateau_factor is None or 0 < self.lr_plateau_factor < 1, "in (0, 1)"),
-            "lr_plateau_max_decays": (self.lr_plateau_max_decays is None or self.lr_plateau_max_decays >= 0, ">= 0 (0: no limit)"),
+            "lr_plateau_patience": (self.lr_plateau_patience >= 0, ">= 0 (0: no plateau decay)"),
+            "lr_plateau_factor": (0 < self.lr_plateau_factor < 1, "in (0, 1)"),
+            "lr_plateau_max_decays": (self.lr_plateau_max_decays >= 0, ">= 0 (0: no limit)"),
             "guide_lr": (self.guide_lr is None or (math.isfinite(self.guide_lr) and self.guide_lr > 0), "a finite number > 0, or left out"),
             "optimizer": (self.optimizer in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
             "weight_decay": (math.isfinite(self.weight_decay) and self.weight_decay >= 0, "a finite number >= 0"),

@@ -47,7 +47,7 @@ class Training:
         self.data = data.to(self.device)
         self.optimizer = make_optimizer(model, guide, config)
         self.parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
-        self.learning_rates = LearningRates(self.optimizer, config.lr_decay, config.lr_plateau_factor or 0.5)
+        self.learning_rates = LearningRates(self.optimizer, config.lr_decay, config.lr_plateau_factor)
         self.ranks = Ranks(self.context, self.parameters)
         self.state = TrainState(aggressive=config.strategy == "aggressive")
 
