@@ -448,6 +448,7 @@ def test_the_bag_of_words_term_is_in_the_training_loss_and_in_no_reported_number
         torch.testing.assert_close(metrics[key], plain[key], msg=key)
     if objective_name.startswith("pyro:"):  # Pyro writes the gradients itself (loss_and_grads)
         assert float(loss.detach()) > float(plain_loss.detach()) + 1.0  # the loss holds -2 x log-probabilities of words
+        assert float(metrics["auxiliary/bag_of_words"]) < -1.0
         return
     # The loss holds it: its gradient reaches f_bow and, through z, the guide.
     gradients = torch.autograd.grad(loss, [model.bag_of_words[0].weight, guide.head.weight])

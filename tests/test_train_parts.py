@@ -87,14 +87,15 @@ def test_plateau_decays_come_every_patience_epochs_without_a_better_score_and_ca
         state.epoch += 1
         state.history.append({"valid/elbo": score})
         selection.update(state, {"elbo": score})
+        selection.announce(state)
         decays.append(state.lr_plateau_decays)
         if state.stopped_early:
             break
     # decay after 2 epochs without a better score (epoch 3); the count of such epochs restarts at
     # the better epoch 4; decays after epochs 6 and 8, the third ends the run.
     assert decays == [0, 0, 1, 1, 1, 2, 2, 3] and state.stopped_early
-    assert "learning rates decayed (plateau decay 1) from epoch 4" in messages[0]
-    selection.announce(state)
+    assert "learning rates decayed (plateau decay 1) for the epochs after epoch 3" in messages[0]
+    assert len(messages) == 3  # two decays said, then the stop (not a decay no epoch would use)
     assert "the learning rates have decayed 3 times (train.lr_plateau_max_decays)" in messages[-1]
 
 
@@ -124,12 +125,24 @@ def test_a_run_with_plateau_decay_logs_the_decayed_rate_and_resumes_with_it(tmp_
     torch.manual_seed(0)
     resumed = fit(*tiny_pair(), ELBO(), tiny_data(), TrainConfig(batch_size=16, **settings), run_dir=run, resume=True, progress=False).state
     assert [record["lr"] for record in resumed.history] == pytest.approx(rates[: len(resumed.history)])
+    stopped = tmp_path / "stopped"
+    torch.manual_seed(0)
+    settings = {**settings, "epochs": 30, "lr_plateau_max_decays": 1}
+    state = fit(*tiny_pair(), ELBO(), tiny_data(), TrainConfig(batch_size=16, **settings), run_dir=stopped, progress=False).state
+    assert state.stopped_early and state.lr_plateau_decays == 1 and state.epoch < 30
+    messages = []
+    training = tiny_training(run_dir=stopped, batch_size=16, **{**settings, "epochs": 40})
+    training.say = messages.append
+    Checkpoints(training, stopped).resume()
+    assert messages == [f"the run stopped early at epoch {state.epoch} (lr decay 1 of train.lr_plateau_max_decays = 1); nothing left to train"]
     with pytest.raises(ValueError, match=r"train.lr_plateau_factor = 1.0 is not allowed: it must be in \(0, 1\)"):
         TrainConfig(lr_plateau_patience=2, lr_plateau_factor=1.0)
     with pytest.raises(ValueError, match=r"train.lr_plateau_patience = 2 needs validation"):
         TrainConfig(lr_plateau_patience=2, validate=False)
     with pytest.raises(ValueError, match=r"train.lr_plateau_max_decays = 5 needs train.lr_plateau_patience >= 1"):
         TrainConfig(lr_plateau_max_decays=5)
+    with pytest.raises(ValueError, match=r"train.patience = 3 stops the run before train.lr_plateau_patience = 3"):
+        TrainConfig(patience=3, lr_plateau_patience=3)
 
 
 def test_the_first_epoch_is_the_best_even_when_its_score_is_not_finite():

@@ -226,10 +226,17 @@ class PyroELBO(Objective):
             reconstruction, kls = values[0], values[1:]
             total = reconstruction - (torch.stack(kls).sum() if kls else 0.0)
             per_run = count * len(runs) * _vectorized_particles(runs[0][0])
-            metrics = stacked_metrics(["elbo", *names], [total, reconstruction, *kls], 1.0 / per_run)
+            auxiliary: dict[str, torch.Tensor] = {}
+            for model_trace, _ in runs:  # summed like the terms above: over runs, batch and particles
+                for name, site in observed_sites(model_trace):
+                    if is_auxiliary_term(site):
+                        key = f"auxiliary/{name}"
+                        auxiliary[key] = auxiliary[key] + site["log_prob_sum"] if key in auxiliary else site["log_prob_sum"]
+            metrics = stacked_metrics(
+                ["elbo", *names, *auxiliary], [total, reconstruction, *kls, *auxiliary.values()], 1.0 / per_run
+            )
             if self.own_bound is not None:
                 annealed = any(is_annealed(site) for pair in runs for trace in pair for _, site in latent_sites(trace))
-                auxiliary = any(is_auxiliary_term(site) for model_trace, _ in runs for _, site in observed_sites(model_trace))
                 if not annealed and not auxiliary:
                     bound = -loss.detach()
                 elif self.own_bound == "renyi":

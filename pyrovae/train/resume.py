@@ -129,7 +129,9 @@ class Checkpoints:
         run.state = restored_state(saved["state"], run.config.patience)
         restore_rng(saved, run.context, run.say)
         if run.state.stopped_early:
-            run.say(f"the run stopped early at epoch {run.state.epoch} (patience {run.config.patience}); nothing left to train")
+            decays, limit = run.state.lr_plateau_decays, run.config.lr_plateau_max_decays
+            why = f"lr decay {decays} of train.lr_plateau_max_decays = {limit}" if limit and decays >= limit else f"patience {run.config.patience}"
+            run.say(f"the run stopped early at epoch {run.state.epoch} ({why}); nothing left to train")
 
     def _load(self) -> dict:
         folder = self.folder

@@ -51,6 +51,7 @@ class BestAndEarlyStop:
     ):
         self.metric, self.patience, self.validate, self.say = metric, patience, validate, say
         self.plateau_patience, self.plateau_max_decays = plateau_patience, plateau_max_decays
+        self._decayed_at = -1  # the epoch whose end decayed the learning rates (said by announce)
 
     @classmethod
     def for_training(cls, training) -> "BestAndEarlyStop":
@@ -80,10 +81,7 @@ class BestAndEarlyStop:
             if self.plateau_patience and state.epochs_without_improvement % self.plateau_patience == 0:
                 # He et al. 2019: every plateau_patience epochs without a better score, decay (see TrainConfig).
                 state.lr_plateau_decays += 1
-                self.say(
-                    f"no better validation {metric} in the last {state.epochs_without_improvement} epoch(s): learning "
-                    f"rates decayed (plateau decay {state.lr_plateau_decays}) from epoch {state.epoch + 1}"
-                )
+                self._decayed_at = state.epoch
         state.stopped_early = self.stops(state)
         key = f"valid/{metric}"
         if diverged(state.history, key) and not diverged(state.history[:-1], key):
@@ -103,7 +101,12 @@ class BestAndEarlyStop:
         return bool(self.plateau_max_decays and state.lr_plateau_decays >= self.plateau_max_decays)
 
     def announce(self, state: TrainState) -> None:
-        """After an epoch: say so when it ended the run."""
+        """After an epoch (and its progress line): say so when it decayed the learning rates or ended the run."""
+        if self._decayed_at == state.epoch and not self._decayed_out(state):
+            self.say(
+                f"no better validation {self.metric} in the last {state.epochs_without_improvement} epoch(s): learning "
+                f"rates decayed (plateau decay {state.lr_plateau_decays}) for the epochs after epoch {state.epoch}"
+            )
         if state.stopped_early and self._decayed_out(state):
             self.say(f"stopping at epoch {state.epoch}: the learning rates have decayed {state.lr_plateau_decays} times (train.lr_plateau_max_decays)")
         elif state.stopped_early:

@@ -112,6 +112,12 @@ class TrainConfig:
                 f"train.lr_plateau_patience = {self.lr_plateau_patience} needs validation: the plateau decay reads the "
                 "validation score; set train.validate = true"
             )
+        if self.patience and self.lr_plateau_patience and self.patience <= self.lr_plateau_patience:
+            raise ValueError(
+                f"train.patience = {self.patience} stops the run before train.lr_plateau_patience = "
+                f"{self.lr_plateau_patience} epochs without a better score can decay the learning rates; "
+                "use a larger patience, or 0 (stop by lr_plateau_max_decays instead, as He et al. do)"
+            )
         if self.lr_plateau_max_decays and not self.lr_plateau_patience:
             raise ValueError(
                 f"train.lr_plateau_max_decays = {self.lr_plateau_max_decays} needs train.lr_plateau_patience >= 1: "
