@@ -25,8 +25,12 @@ K = 500, one process, both paths of :func:`pyrovae.analysis.likelihood.importanc
 Each prints sentences per second and its peak resident memory above the process's size before it
 (VmHWM, reset between the two; Linux), the two estimates' mean log p(x) and standard errors (they
 must agree within them), then ``sentence_speedup=new/old``. ``--tiny``: tiny networks and data.
+With CUDA (``--devices auto`` finds it, or ``--devices cpu,cuda``) both paths also run there (peak:
+memory allocated on the device), and ``sentence_speedup_cuda_against_cpu_old`` compares the sentence
+path on the GPU with the old path on this machine's CPU.
 
     python benchmarks/eval_throughput.py --sentences --images 20 --particles 500
+    python benchmarks/eval_throughput.py --sentences --images 200 --particles 500 --devices cpu,cuda --memory-gb 4
 """
 
 from __future__ import annotations
@@ -125,7 +129,7 @@ def sentence_pair(args):
     return model, guide, data.rows("test", 0, min(args.images, data.size("test"))), source
 
 
-def sentence_main(args) -> None:
+def sentence_main(args, devices: list[str]) -> None:
     from pyrovae.analysis.likelihood import importance_estimate
 
     model, guide, test, source = sentence_pair(args)
@@ -140,26 +144,50 @@ def sentence_main(args) -> None:
         "new": dict(method="sentence", batch_size=50, memory_gb=args.memory_gb),
     }
     results = {}
-    for name, options in paths.items():
-        torch.manual_seed(1)
-        warm = {key: value[:2] for key, value in test.items()}
-        importance_estimate(model, guide, warm, particles=min(particles, 20), **options)
-        before = reset_resident_peak()
-        started = time.perf_counter()
-        estimate = importance_estimate(model, guide, test, particles=particles, **options)
-        seconds = time.perf_counter() - started
-        peak = resident_peak_mb() - before
-        results[name] = (seconds, estimate)
-        print(
-            f"{name}: {seconds:8.2f} s  {count / seconds:8.3f} sentences/s  peak memory +{peak:7.0f} MB  "
-            f"mean log p(x) {estimate.mean:.3f} +- {estimate.standard_error:.3f}  ({options})",
-            flush=True,
-        )
-    (old_seconds, old), (new_seconds, new) = results["old"], results["new"]
-    spread = 4 * math.sqrt(old.standard_error**2 + new.standard_error**2) + 1e-3
-    if abs(old.mean - new.mean) > spread:
-        raise SystemExit(f"the two paths disagree: {old.mean:.4f} and {new.mean:.4f} (more than {spread:.4f} apart)")
-    print(f"sentence_speedup={old_seconds / new_seconds:.3f}")
+    for device_name in devices:  # the old path on the CPU is "today" for the speed-up; each device runs both
+        device = torch.device(device_name)
+        model.to(device), guide.to(device)
+        rows = {key: value.to(device) for key, value in test.items()}
+        for name, options in paths.items():
+            torch.manual_seed(1)
+            warm = {key: value[:2] for key, value in rows.items()}
+            importance_estimate(model, guide, warm, particles=min(particles, 20), **options)
+            before = reset_peak(device)
+            started = time.perf_counter()
+            estimate = importance_estimate(model, guide, rows, particles=particles, **options)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - started
+            peak = peak_mb(device) - before
+            results[device_name, name] = (seconds, estimate)
+            print(
+                f"{device_name} {name}: {seconds:8.2f} s  {count / seconds:8.3f} sentences/s  peak memory +{peak:7.0f} MB "
+                f"({'resident' if device.type == 'cpu' else 'allocated on the device'})  "
+                f"mean log p(x) {estimate.mean:.3f} +- {estimate.standard_error:.3f}  ({options})",
+                flush=True,
+            )
+    baseline_device = "cpu" if "cpu" in devices else devices[0]
+    old_seconds, old = results[baseline_device, "old"]
+    for device_name in devices:
+        new_seconds, new = results[device_name, "new"]
+        spread = 4 * math.sqrt(old.standard_error**2 + new.standard_error**2) + 1e-3
+        if abs(old.mean - new.mean) > spread:
+            raise SystemExit(f"the two paths disagree: {old.mean:.4f} and {new.mean:.4f} (more than {spread:.4f} apart)")
+        suffix = "" if device_name == baseline_device else f"_{device_name.replace(':', '')}_against_{baseline_device}_old"
+        print(f"sentence_speedup{suffix}={old_seconds / new_seconds:.3f}")
+
+
+def reset_peak(device: torch.device) -> float:
+    """Start a peak-memory measurement: the CPU's resident peak (VmHWM) or CUDA's allocated peak, in MB."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device) / 2**20
+    return reset_resident_peak()
+
+
+def peak_mb(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else resident_peak_mb()
 
 
 def main() -> None:
@@ -174,10 +202,10 @@ def main() -> None:
     parser.add_argument("--memory-gb", type=float, default=0.25, help="the sentence path's memory budget (evaluate.memory_gb)")
     parser.add_argument("--tiny", action="store_true", help="with --sentences: tiny networks and data (a smoke run)")
     args = parser.parse_args()
-    if args.sentences:
-        sentence_main(args)
-        return
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if args.devices == "auto" else args.devices.split(",")
+    if args.sentences:
+        sentence_main(args, devices)
+        return
     model, guide, data = build(args)
     images = int(data["x"].shape[0])
     print(

@@ -192,5 +192,5 @@ def test_the_throughput_benchmark_compares_both_paths_on_tiny_sentences():
         [sys.executable, str(script), "--sentences", "--tiny", "--images", "6", "--particles", "40"], capture_output=True, text=True, timeout=120
     )
     assert run.returncode == 0, run.stderr[-2000:]
-    assert re.search(r"^old: .* sentences/s  peak memory \+", run.stdout, re.M) and re.search(r"^new: ", run.stdout, re.M)
+    assert re.search(r"^cpu old: .* sentences/s  peak memory \+", run.stdout, re.M) and re.search(r"^cpu new: ", run.stdout, re.M)
     assert re.fullmatch(r"sentence_speedup=\d+\.\d+", run.stdout.splitlines()[-1])
