@@ -23,7 +23,7 @@ from typing import Iterable
 
 from filelock import FileLock, Timeout
 
-from pyrovae.config import dump_toml, is_allowed_setting, load_toml, resolve_config
+from pyrovae.config import dump_toml, is_allowed_setting, load_toml
 from pyrovae.errors import CheckpointError, ConfigError, RunFolderError
 from pyrovae.files import write_text_atomically
 from pyrovae.train import LATEST, previous_path
@@ -167,32 +167,38 @@ def read_run_files(run_dir: Path) -> dict[str, str]:
     return {name: (run_dir / name).read_text(encoding="utf-8") for name in RUN_FILES if (run_dir / name).exists()}
 
 
-def with_todays_defaults(fingerprint: dict) -> dict:
-    """A checkpoint's resolved config with today's defaults written into it (:func:`resolve_config`):
-    an option added to pyrovae after the checkpoint was written is absent from it, and the run
-    trained as that option's default does. As saved where it no longer resolves (an option since
-    renamed or removed), so the comparison names that option. A None in it counts as absent, as in
-    :func:`differences`."""
-    present = {
-        key: {name: value for name, value in table.items() if value is not None} if isinstance(table, dict) else table
-        for key, table in fingerprint.items()
-        if table is not None
-    }
-    try:
-        return resolve_config(present)
-    except (ConfigError, TypeError, ValueError):
-        return fingerprint
+# Options added to pyrovae after run folders were written, with the value that reproduces how those
+# runs trained. A checkpoint's fingerprint that lacks one (or holds None for it) is read with this
+# value, where today's config has the option; every other absence stays a difference. Add a line
+# here with every new option whose default is not None.
+OPTIONS_ADDED_SINCE = {
+    "train.lr_plateau_patience": 0,
+    "train.lr_plateau_factor": 0.5,
+    "train.lr_plateau_max_decays": 0,
+    "model.bag_of_words_weight": 0.0,
+}
+
+
+def with_added_options(fingerprint: dict, config: dict) -> dict:
+    """A checkpoint's flattened fingerprint with :data:`OPTIONS_ADDED_SINCE` filled in where it lacks
+    them and ``config`` (today's resolved config) has them."""
+    flat, current = flatten(fingerprint), flatten(config)
+    for key, value in OPTIONS_ADDED_SINCE.items():
+        if flat.get(key) is None and key in current:
+            flat[key] = value
+    return flat
 
 
 def check_checkpoint_fingerprint(saved: dict, config: dict, path: Path, allowed: Iterable[str], what: str) -> None:
     """Refuse a checkpoint written by another experiment: its resolved config differs from ``config``
-    in a setting not ``allowed`` to differ. Checkpoints without a fingerprint pass."""
+    in a setting not ``allowed`` to differ (options added since it was written read as
+    :data:`OPTIONS_ADDED_SINCE` says). Checkpoints without a fingerprint pass."""
     fingerprint = saved.get("fingerprint")
     if not isinstance(fingerprint, dict):
         return
-    changed = differences(with_todays_defaults(fingerprint), config, allowed)
+    saved_flat, current_flat = with_added_options(fingerprint, config), flatten(config)
+    changed = differences(saved_flat, current_flat, allowed)
     if changed:
-        saved_flat, current_flat = flatten(fingerprint), flatten(config)
         shown = ", ".join(f"{key} ({saved_flat.get(key)!r} there, {current_flat.get(key)!r} here)" for key in changed[:3])
         more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
         raise CheckpointError(

@@ -127,7 +127,8 @@ class NonFiniteRecovery:
         config, optimizer, state = run.config, run.optimizer, run.state
         state.nonfinite_retries += 1
         if state.nonfinite_retries > config.max_nonfinite_retries:
-            lower = f"--set train.lr={optimizer.param_groups[0]['lr'] / 2:.3g} --set train.clip_norm=10"
+            # Half the configured rate: a resume applies the epoch, plateau and recovery factors to it again.
+            lower = f"--set train.lr={run.learning_rates.base[0] / 2:.3g} --set train.clip_norm=10"
             if state.epoch == 0:  # no epoch finished: there is no checkpoint to resume from
                 advice = f"no epoch has finished, so there is no checkpoint: train again (the same --out works) with {lower}"
             else:

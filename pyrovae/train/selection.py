@@ -78,7 +78,8 @@ class BestAndEarlyStop:
             state.epochs_without_improvement = 0
         else:
             state.epochs_without_improvement += 1
-            if self.plateau_patience and state.epochs_without_improvement % self.plateau_patience == 0:
+            stops_by_patience = bool(self.patience and state.epochs_without_improvement >= self.patience)
+            if self.plateau_patience and state.epochs_without_improvement % self.plateau_patience == 0 and not stops_by_patience:
                 # He et al. 2019: every plateau_patience epochs without a better score, decay (see TrainConfig).
                 state.lr_plateau_decays += 1
                 self._decayed_at = state.epoch
