@@ -111,6 +111,16 @@ def test_plateau_decays_come_every_patience_epochs_without_a_better_score_and_ca
     assert len(messages) == 2 and "early stopping at epoch 5" in messages[-1]
 
 
+def test_the_guide_learning_rate_is_logged_when_it_is_set_apart():
+    settings = {"epochs": 2, "batch_size": 16, "lr": 1e-2, "guide_lr": 3e-2, "lr_decay": 0.5}
+    torch.manual_seed(0)
+    history = fit(*tiny_pair(), ELBO(), tiny_data(), TrainConfig(**settings), progress=False).state.history
+    assert [(r["lr"], r["guide_lr"]) for r in history] == pytest.approx([(1e-2, 3e-2), (5e-3, 1.5e-2)])
+    torch.manual_seed(0)
+    history = fit(*tiny_pair(), ELBO(), tiny_data(), TrainConfig(**{**settings, "guide_lr": None}), progress=False).state.history
+    assert "guide_lr" not in history[-1]
+
+
 def test_learning_rates_multiply_the_plateau_factor_once_per_decay():
     parameter = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([{"params": [parameter], "name": "model", "lr": 1.0}], lr=1.0)

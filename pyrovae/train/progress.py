@@ -138,6 +138,7 @@ class Records:
             "step": run.state.step,
             **run.schedules.record(run.state.step),
             "lr": run.optimizer.param_groups[0]["lr"],
+            **({"guide_lr": _group_lr(run.optimizer, "guide")} if run.config.guide_lr is not None else {}),
             "seconds": round(time.perf_counter() - started, 3),
             **{f"train/{k}": v for k, v in train_metrics.items()},
             **{f"valid/{k}": v for k, v in valid_metrics.items()},
@@ -146,3 +147,8 @@ class Records:
     def append(self, record: dict) -> None:
         if self.writes:
             append_jsonl(record, self.path)
+
+
+def _group_lr(optimizer, name: str) -> float:
+    """The learning rate of the optimizer's parameter group ``name`` ("model" or "guide")."""
+    return next(group["lr"] for group in optimizer.param_groups if group.get("name") == name)
