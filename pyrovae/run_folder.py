@@ -175,6 +175,7 @@ OPTIONS_ADDED_SINCE = {
     "train.lr_plateau_patience": 0,
     "train.lr_plateau_factor": 0.5,
     "train.lr_plateau_max_decays": 0,
+    "train.lr_plateau_reload_best": False,
     "model.bag_of_words_weight": 0.0,
 }
 

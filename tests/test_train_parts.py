@@ -121,6 +121,40 @@ def test_the_guide_learning_rate_is_logged_when_it_is_set_apart():
     assert "guide_lr" not in history[-1]
 
 
+def test_reload_best_goes_back_to_the_best_parameters_at_each_decay_and_resumes_exactly(tmp_path):
+    settings = {"batch_size": 16, "lr": 5.0, "lr_plateau_patience": 1, "lr_plateau_factor": 0.1, "lr_plateau_reload_best": True}
+    # A run that stops at its first decay: the parameters it ends with are the best epoch's, and the
+    # optimizer's state was cleared.
+    stopped = tmp_path / "stopped"
+    torch.manual_seed(0)
+    state = fit(*tiny_pair(), ELBO(), tiny_data(), TrainConfig(epochs=30, lr_plateau_max_decays=1, **settings), run_dir=stopped, progress=False).state
+    assert state.stopped_early and state.lr_plateau_decays == 1 and state.best_epoch < state.epoch
+    latest, best = load_checkpoint(stopped / "checkpoints" / LATEST), load_checkpoint(stopped / "checkpoints" / BEST)
+    for part in ("model", "guide"):
+        for key, value in best[part].items():
+            assert torch.equal(latest[part][key], value), (part, key)
+    assert latest["optimizer"]["state"] == {}
+    # Whole against interrupted (after a decay, so the resumed run reloads from best.pt).
+    runs = {}
+    for name, stops in (("whole", [8]), ("split", [None, 8])):
+        torch.manual_seed(0)
+        model, guide = tiny_pair()
+        for index, epochs in enumerate(stops):
+            if epochs is None:  # the first part: until the first decayed epoch
+                epochs = next(r["epoch"] for r in runs["whole"][0] if r["lr"] < 5.0)
+            torch.manual_seed(0)
+            config = TrainConfig(epochs=epochs, **settings)
+            result = fit(model, guide, ELBO(), tiny_data(), config, run_dir=tmp_path / name, resume=index > 0, progress=False)
+        runs[name] = (result.state.history, {k: v.clone() for k, v in model.state_dict().items()}, result.state.lr_plateau_decays)
+    (whole, whole_parameters, whole_decays), (split, split_parameters, split_decays) = runs["whole"], runs["split"]
+    assert whole_decays >= 2 and split_decays == whole_decays
+    assert [r["lr"] for r in split] == pytest.approx([r["lr"] for r in whole])
+    for key, value in whole_parameters.items():
+        torch.testing.assert_close(split_parameters[key], value, msg=key)
+    with pytest.raises(ValueError, match=r"train.lr_plateau_reload_best = true needs train.lr_plateau_patience >= 1"):
+        TrainConfig(lr_plateau_reload_best=True)
+
+
 def test_learning_rates_multiply_the_plateau_factor_once_per_decay():
     parameter = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([{"params": [parameter], "name": "model", "lr": 1.0}], lr=1.0)

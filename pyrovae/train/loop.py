@@ -33,7 +33,7 @@ from pyrovae.train.evaluation import evaluate_objective
 from pyrovae.train.optim import FUSED_OPTIMIZERS, OPTIMIZERS, make_optimizer, parameter_groups
 from pyrovae.train.progress import Progress, Records, stderr_is_terminal
 from pyrovae.train.recovery import FiniteWatch, NonFiniteRecovery, NonFiniteStep
-from pyrovae.train.resume import Checkpoints
+from pyrovae.train.resume import Checkpoints, ReloadBest
 from pyrovae.train.selection import DIVERGENCE_FRACTION, DIVERGENCE_NATS, BestAndEarlyStop, diverged
 from pyrovae.train.settings import PRECISIONS, FitOptions, TrainConfig
 from pyrovae.train.state import FitResult, TrainState
@@ -101,7 +101,7 @@ def fit(model, guide, objective: Callable, data: DataSplits, config: TrainConfig
     records.start(resumed=options.resume)
     step = Step.for_training(run)
     run.share_and_check()
-    recovery, selection = NonFiniteRecovery(run), BestAndEarlyStop.for_training(run)
+    recovery, selection, reload_best = NonFiniteRecovery(run), BestAndEarlyStop.for_training(run), ReloadBest(run, checkpoints)
     trackers.start(run, resumed=options.resume)
     with Progress(run, options.progress and stderr_is_terminal()) as progress, argument_validation(run.state.step == 0 and config.validate_first_step):
         while run.state.epoch < config.epochs and not run.state.stopped_early:
@@ -120,10 +120,12 @@ def fit(model, guide, objective: Callable, data: DataSplits, config: TrainConfig
             record.update(step.epoch_end())
             run.state.history.append(record)
             improved = selection.update(run.state, valid_metrics)
+            reload_best.after_epoch(improved, selection.decayed(run.state))
             checkpoints.save(improved)
             records.append(record)
             progress.epoch_end(valid_metrics, record["seconds"])
             selection.announce(run.state)
+            reload_best.announce()
             trackers.epoch(run, record)
     return FitResult(state=run.state, stopped_early=run.state.stopped_early, device=run.device)
 

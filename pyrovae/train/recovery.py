@@ -91,19 +91,20 @@ class FiniteWatch:
             self.checked = raise_if_nonfinite(self.history, self.checked, self.first_step)
 
 
+def copied_state_dict(state_dict: dict) -> dict:
+    """A module's state dict, detached from it: tensors cloned, extra state (any value a module
+    saves) deep-copied."""
+    return {key: value.clone() if torch.is_tensor(value) else copy.deepcopy(value) for key, value in state_dict.items()}
+
+
 def recovery_snapshot(model, guide, optimizer, state: TrainState) -> dict:
     """What a non-finite-loss recovery restores at the epoch's start: parameters and buffers,
     the optimizer's state and the counters. Not the history (a failed epoch appends nothing to it),
     the random state or the fingerprint, which only checkpoints need."""
     counters = {key: value for key, value in asdict(state).items() if key != "history"}
-
-    def copied(state_dict: dict) -> dict:
-        # Tensors are cloned; extra state (any value a module saves) is copied as it is.
-        return {key: value.clone() if torch.is_tensor(value) else copy.deepcopy(value) for key, value in state_dict.items()}
-
     return {
-        "model": copied(model.state_dict()),
-        "guide": copied(guide.state_dict()),
+        "model": copied_state_dict(model.state_dict()),
+        "guide": copied_state_dict(guide.state_dict()),
         "optimizer": copy.deepcopy(optimizer.state_dict()),
         "state": counters,
     }

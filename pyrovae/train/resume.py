@@ -38,6 +38,7 @@ from pyrovae.train.checkpoint import (
     save_checkpoint,
 )
 from pyrovae.train.progress import say
+from pyrovae.train.recovery import copied_state_dict
 from pyrovae.train.state import TrainState
 
 
@@ -172,3 +173,45 @@ class Checkpoints:
             if improved:
                 save_checkpoint(saved, self.folder / BEST)
             save_checkpoint(saved, self.folder / LATEST)
+
+
+class ReloadBest:
+    """He et al. 2019's reload at each plateau decay (``train.lr_plateau_reload_best``): a copy of
+    the parameters and buffers of the best epoch so far, taken when an epoch is the best; when an
+    epoch's end decays the learning rates, the model and guide go back to it and the optimizer's
+    state is cleared (He et al. build new optimizers). After a resume the copy comes from
+    ``best.pt`` (rank 0 reads it and sends it to the others). Call :meth:`after_epoch` before the
+    epoch's checkpoint is written, so ``latest.pt`` holds what the next epoch starts from."""
+
+    def __init__(self, training, checkpoints: Checkpoints):
+        self.training, self.checkpoints = training, checkpoints
+        self.enabled = bool(training.config.lr_plateau_reload_best)
+        self.best: dict | None = None
+        self.message: str | None = None
+
+    def after_epoch(self, improved: bool, decayed: bool) -> None:
+        run = self.training
+        if not self.enabled:
+            return
+        if improved:
+            self.best = {part: copied_state_dict(getattr(run, part).state_dict()) for part in ("model", "guide")}
+        elif decayed:
+            if self.best is None:
+                self.best = distributed.on_main(run.context, self._read_best, "reading best.pt")
+            run.model.load_state_dict(self.best["model"])
+            run.guide.load_state_dict(self.best["guide"])
+            run.optimizer.state.clear()
+            self.message = f"continuing from the parameters of the best epoch, {run.state.best_epoch}, with a fresh optimizer state"
+
+    def announce(self) -> None:
+        if self.message is not None:
+            self.training.say(self.message)
+            self.message = None
+
+    def _read_best(self) -> dict:
+        folder = self.checkpoints.folder
+        if folder is None:
+            raise CheckpointError("train.lr_plateau_reload_best: no best parameters to reload (no run folder after a resume)")
+        saved = load_checkpoint_or_previous(folder / BEST, "cpu", warn=say)
+        check_contents(saved, folder / BEST, needs=("model", "guide"))
+        return {part: saved[part] for part in ("model", "guide")}

@@ -98,6 +98,10 @@ class BestAndEarlyStop:
         ``plateau_max_decays``-th plateau decay."""
         return bool(self.patience and state.epochs_without_improvement >= self.patience) or self._decayed_out(state)
 
+    def decayed(self, state: TrainState) -> bool:
+        """Whether the latest :meth:`update` decayed the learning rates."""
+        return self._decayed_at == state.epoch
+
     def _decayed_out(self, state: TrainState) -> bool:
         return bool(self.plateau_max_decays and state.lr_plateau_decays >= self.plateau_max_decays)
 

@@ -29,6 +29,9 @@ class TrainConfig:
     lr_plateau_patience: int = 0
     lr_plateau_factor: float = 0.5
     lr_plateau_max_decays: int = 0
+    # At each plateau decay, go back to the best epoch's parameters with a fresh optimizer state,
+    # as He et al.'s code does (it reloads its best model and builds new optimizers).
+    lr_plateau_reload_best: bool = False
     # Learning rate of the guide's parameter group; None means the same as lr.
     guide_lr: float | None = None
     optimizer: str = "adam"
@@ -118,6 +121,8 @@ class TrainConfig:
                 f"{self.lr_plateau_patience} epochs without a better score can decay the learning rates; "
                 "use a larger patience, or 0 (stop by lr_plateau_max_decays instead, as He et al. do)"
             )
+        if self.lr_plateau_reload_best and not self.lr_plateau_patience:
+            raise ValueError("train.lr_plateau_reload_best = true needs train.lr_plateau_patience >= 1: it reloads at each plateau decay")
         if self.lr_plateau_max_decays and not self.lr_plateau_patience:
             raise ValueError(
                 f"train.lr_plateau_max_decays = {self.lr_plateau_max_decays} needs train.lr_plateau_patience >= 1: "
