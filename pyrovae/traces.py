@@ -57,6 +57,11 @@ def is_auxiliary_term(site) -> bool:
     return bool(site["infer"].get(AUXILIARY_TERM))
 
 
+def auxiliary_sites(trace):
+    """The auxiliary training terms of a model trace (:func:`pyrovae.pair.auxiliary_term`), as (name, site)."""
+    return [(name, site) for name, site in observed_sites(trace) if is_auxiliary_term(site)]
+
+
 def reported_log_prob(site) -> torch.Tensor:
     """The site's log-density as reported: masked and scaled as Pyro scores it, but without
     ``kl_scale``'s beta. Equal to ``site["log_prob"]`` (the same tensor) when beta did not touch it."""
@@ -248,11 +253,7 @@ def log_weight_terms(model_trace, guide_trace, max_plate_nesting: int, with_part
 def auxiliary_terms(model_trace, max_plate_nesting: int, with_particles: bool) -> dict[str, torch.Tensor]:
     """Each auxiliary training term (:func:`pyrovae.pair.auxiliary_term`) per datapoint, ``(K, B)``
     or ``(B,)`` as :func:`log_weight_terms`: what an objective adds to its bound, outside it."""
-    return {
-        name: per_datapoint(site, site["log_prob"], max_plate_nesting, with_particles)
-        for name, site in observed_sites(model_trace)
-        if is_auxiliary_term(site)
-    }
+    return {name: per_datapoint(site, site["log_prob"], max_plate_nesting, with_particles) for name, site in auxiliary_sites(model_trace)}
 
 
 def enumeration_mass(site, read) -> torch.Tensor:

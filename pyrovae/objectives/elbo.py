@@ -25,7 +25,7 @@ from torch.distributions import Distribution, kl_divergence
 from pyrovae.errors import UnsupportedPairError
 from pyrovae.objectives.base import Metrics, Objective, batch_size, stacked_metrics
 from pyrovae.registry import OBJECTIVES
-from pyrovae.traces import PairInfo, is_auxiliary_term, latent_sites, observed_sites, preserved_rng, reported_log_prob_sum
+from pyrovae.traces import PairInfo, auxiliary_sites, latent_sites, observed_sites, preserved_rng, reported_log_prob_sum
 
 
 class TracedLoss(NamedTuple):
@@ -51,7 +51,7 @@ def summed_metrics(model_trace, kl_by_site: dict[str, torch.Tensor], count: int)
         reconstruction = _total(observed)
         kls = list(kl_by_site.values())
         elbo = reconstruction - _total(kls) if kls else reconstruction
-        auxiliary = {f"auxiliary/{name}": site["log_prob_sum"] for name, site in observed_sites(model_trace) if is_auxiliary_term(site)}
+        auxiliary = {f"auxiliary/{name}": site["log_prob_sum"] for name, site in auxiliary_sites(model_trace)}
     return stacked_metrics(
         ["reconstruction", "elbo", *(f"kl/{name}" for name in kl_by_site), *auxiliary],
         [reconstruction, elbo, *kls, *auxiliary.values()],

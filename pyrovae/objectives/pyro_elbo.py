@@ -26,7 +26,7 @@ from pyrovae.errors import ConfigError, UnsupportedPairError
 from pyrovae.objectives.base import Objective, batch_size, stacked_metrics
 from pyrovae.objectives.enum import EnumELBO
 from pyrovae.registry import OBJECTIVES
-from pyrovae.traces import PairInfo, batch_device, is_annealed, is_auxiliary_term, latent_sites, observed_sites, reported_log_prob
+from pyrovae.traces import PairInfo, auxiliary_sites, batch_device, is_annealed, is_auxiliary_term, latent_sites, observed_sites, reported_log_prob
 
 # Pyro's deprecated spelling of max_plate_nesting: not offered as an option.
 _HIDDEN_OPTIONS = {"max_iarange_nesting"}
@@ -228,10 +228,9 @@ class PyroELBO(Objective):
             per_run = count * len(runs) * _vectorized_particles(runs[0][0])
             auxiliary: dict[str, torch.Tensor] = {}
             for model_trace, _ in runs:  # summed like the terms above: over runs, batch and particles
-                for name, site in observed_sites(model_trace):
-                    if is_auxiliary_term(site):
-                        key = f"auxiliary/{name}"
-                        auxiliary[key] = auxiliary[key] + site["log_prob_sum"] if key in auxiliary else site["log_prob_sum"]
+                for name, site in auxiliary_sites(model_trace):
+                    key = f"auxiliary/{name}"
+                    auxiliary[key] = auxiliary[key] + site["log_prob_sum"] if key in auxiliary else site["log_prob_sum"]
             metrics = stacked_metrics(
                 ["elbo", *names, *auxiliary], [total, reconstruction, *kls, *auxiliary.values()], 1.0 / per_run
             )
@@ -281,8 +280,8 @@ def _tmc_bound(runs, elbo) -> torch.Tensor:
     """``TraceTMC_ELBO``'s estimate (summed over the batch) from the reported log-densities."""
     total = 0.0
     for model_trace, guide_trace in runs:
-        for site in [site for site in model_trace.nodes.values() if site["type"] == "sample" and is_auxiliary_term(site)]:
-            model_trace.remove_node(site["name"])  # a training term, not part of p(x, z)
+        for name, _ in auxiliary_sites(model_trace):
+            model_trace.remove_node(name)  # a training term, not part of p(x, z)
         guide_trace.pack_tensors()
         model_trace.pack_tensors(guide_trace.plate_to_symbol)
         for site in _sample_sites(model_trace) + _sample_sites(guide_trace):
