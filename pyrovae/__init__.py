@@ -9,7 +9,7 @@ Importing pyrovae changes no global Pyro setting.
 
 from pyrovae.errors import ConfigError, DataError, NonFiniteLossError, PairMismatchError
 from pyrovae.handlers import kl_scale
-from pyrovae.pair import DataSpec, Guide, LatentSite, Model, check_pair
+from pyrovae.pair import DataSpec, Guide, LatentSite, Model, auxiliary_term, check_pair
 from pyrovae.registry import declare
 
 # Declares a loader function, so that ``[data] name = "mymodule:loader"`` may name it.
@@ -24,6 +24,7 @@ __all__ = [
     "Model",
     "NonFiniteLossError",
     "PairMismatchError",
+    "auxiliary_term",
     "check_pair",
     "data_loader",
     "declare",

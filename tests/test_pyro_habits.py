@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+import pyrovae
 from pyrovae import DataSpec, Guide, Model, PairMismatchError
 from pyrovae.cli import main
 from pyrovae.experiment import Experiment
@@ -206,3 +207,39 @@ def test_the_checks_leave_batch_norm_statistics_alone():
     check_pair(model, guide, {"x": torch.bernoulli(torch.full((8, 8), 0.4))})
     after = list(model.buffers()) + list(guide.buffers())
     assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_a_users_auxiliary_term_under_their_own_plate_is_in_the_loss_and_in_no_reported_number():
+    class Model_(pyro_style.ImageVAE):
+        def forward(self, x, **batch):
+            with pyro.plate("images", x.shape[0]):
+                z = pyro.sample("latent", dist.Normal(x.new_zeros(self.z_dim), 1.0).to_event(1))
+                pyro.sample("obs", dist.Bernoulli(logits=self.decoder(z)).to_event(1), obs=x.reshape(-1, self.data.x_features))
+                if self.training:
+                    pyrovae.auxiliary_term("brightness", -(z.sum(-1) - x.reshape(x.shape[0], -1).mean(-1)) ** 2)
+
+    from pyrovae.objectives import build_objective
+
+    exp = Experiment.from_config(experiment({**DIGITS, "binarize": "static"}, "ImageVAE", "auto"))
+    torch.manual_seed(0)
+    model = Model_(pyro_style.Sizes(), exp.data.spec)
+    batch = exp.data.rows("train", 0, 32)
+    model.describe(batch)
+    assert [site.name for site in model.description.observed] == ["obs"]  # the term is not an observation
+    from pyrovae.guides import AutoGuide, AutoGuideConfig
+
+    guide = AutoGuide(AutoGuideConfig(hidden=[16]), exp.data.spec, model)
+    for name, options in (("elbo", {}), ("iwae", {"particles": 4})):
+        objective = build_objective(name, **options)
+        objective(model, guide, batch)
+        model.eval()
+        torch.manual_seed(1)
+        plain_loss, plain = objective(model, guide, batch)
+        model.train()
+        torch.manual_seed(1)
+        loss, metrics = objective(model, guide, batch)
+        for key in plain:
+            torch.testing.assert_close(metrics[key], plain[key], msg=key)
+        term = metrics["auxiliary/brightness"]
+        assert float(term) < 0
+        torch.testing.assert_close(loss.detach(), plain_loss.detach() - term)

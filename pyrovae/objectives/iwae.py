@@ -9,7 +9,7 @@ import pyro.distributions as dist
 import torch
 
 from pyrovae.errors import UnsupportedPairError
-from pyrovae.objectives.base import Objective, stacked_metrics
+from pyrovae.objectives.base import Objective
 from pyrovae.registry import OBJECTIVES
 from pyrovae.traces import PairInfo, auxiliary_terms, latent_sites, log_mean_exp, log_weight_terms, per_datapoint
 

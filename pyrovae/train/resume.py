@@ -201,7 +201,12 @@ class ReloadBest:
             run.model.load_state_dict(self.best["model"])
             run.guide.load_state_dict(self.best["guide"])
             run.optimizer.state.clear()
-            self.message = f"continuing from the parameters of the best epoch, {run.state.best_epoch}, with a fresh optimizer state"
+            best = run.state.best_epoch
+            self.message = (
+                f"the run ends on the parameters of the best epoch, {best}"
+                if run.state.stopped_early
+                else f"continuing from the parameters of the best epoch, {best}, with a fresh optimizer state"
+            )
 
     def announce(self) -> None:
         if self.message is not None:
