@@ -24,14 +24,10 @@ from pathlib import Path
 import torch
 
 from pyrovae.analysis.conditional import class_grid, classifier_accuracy, generated_label_accuracy, label_classifier, label_samples
+from pyrovae.data.images import CLASS_NAMES
 from pyrovae.data.splits import DataSplits, check_loader_result
 from pyrovae.experiment import Experiment
 from pyrovae.registry import DATASETS
-
-CLASS_NAMES = {
-    "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"],
-}
-
 
 def grey_level_splits(experiment: Experiment) -> DataSplits:
     """The run's data loaded again with ``binarize = "none"``: the same rows in the same splits (the

@@ -6,6 +6,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 
+from pyrovae.errors import ConfigError
 from pyrovae.likelihoods import build_likelihood
 from pyrovae.nn import MLP, activation_layer, check_sizes
 from pyrovae.pair import DataSpec, LatentSite, Model
@@ -50,6 +51,11 @@ def categorical_latent(logits: torch.Tensor, temperature: float, config: Categor
     """The distribution of z (``groups`` one-hot vectors of ``categories`` classes) with these
     logits: Concrete(tau, logits), straight-through or not, while relaxing; else OneHotCategorical."""
     if uses_relaxation(config, training):
+        if not torch.is_tensor(temperature) and not temperature > 0:
+            raise ConfigError(
+                f"the {config.estimator} estimator needs a temperature > 0, and [schedules.temperature] gives {temperature!r}: "
+                "set its value, or its initial and minimum, above 0"
+            )
         relaxed = RelaxedOneHot(temperature, logits, straight_through=config.estimator == "straight_through")
         return relaxed.to_event(1)
     return dist.OneHotCategorical(logits=logits).to_event(1)

@@ -49,12 +49,36 @@ def _count(low: int, meaning: str = ""):
     return parse
 
 
-def _decoded_sentences(args, overrides) -> list[str]:
+def _label(text: str) -> int | str:
+    """``--label``: a class index, or ``all``."""
+    if text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a class index (an integer) or 'all', got {text!r}") from None
+
+
+def _sample(args, overrides) -> None:
+    """``pyrovae sample``: sentences for text runs given ``--method`` or ``--label``; samples of the
+    requested labels for ``--label``; else the samples file (prior samples and reconstructions)."""
+    experiment = Experiment.from_run(args.run_dir, overrides, command="sample")
+    experiment.load_parameters(args.run_dir, args.checkpoint)
+    text = getattr(experiment.data, "vocabulary", None) is not None
+    torch.manual_seed(args.seed)
+    if args.method is not None or (text and args.label is not None):
+        for line in _decoded_sentences(args, experiment):
+            print(line)
+    elif args.label is not None:
+        print(experiment.write_label_samples(args.label, args.out, run_dir=args.run_dir, count=args.count))
+    else:
+        print(experiment.write_samples(args.out, run_dir=args.run_dir, count=args.count))
+
+
+def _decoded_sentences(args, experiment: Experiment) -> list[str]:
     """``pyrovae sample --method``, ``reconstruct`` and ``interpolate``: sentences of a text run."""
     from pyrovae.analysis import decoding
 
-    experiment = Experiment.from_run(args.run_dir, overrides, command=args.command)
-    experiment.load_parameters(args.run_dir, args.checkpoint)
     vocabulary, model, guide = getattr(experiment.data, "vocabulary", None), experiment.model, experiment.guide
     if vocabulary is None:
         raise ConfigError(f"{args.run_dir} is not a text run (no vocabulary): {args.command} decodes sentences")
@@ -142,9 +166,13 @@ def _parser() -> argparse.ArgumentParser:
     decoding.add_argument("--beam", type=_count(1), default=5, help="beam size of --method beam (default 5)")
     decoding.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of --method sample (default 1)")
     decoding.add_argument("--seed", type=int, default=0, help="seed of the prior draws and sampled words (default 0)")
-    decoding.add_argument("--label", type=int, help="the label y a label-conditioned model decodes with")
+    decoding.add_argument("--label", type=_label, help="the label y a label-conditioned model decodes with")
 
-    sample_help += "; with --method (text runs), print --count sentences decoded from prior draws instead"
+    sample_help += (
+        "; with --method (text runs), print --count sentences decoded from prior draws instead; with --label Y "
+        "(a label-conditioned model), --count samples generated for label Y (all: one row per class): "
+        "RUN_DIR/samples_label_Y.png for images, .json otherwise"
+    )
     sample = commands.add_parser("sample", help=sample_help, description=sample_help, parents=[decoding])
     sample.add_argument("run_dir")
     sample.add_argument(
@@ -330,12 +358,12 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(metrics, indent=2))
             for line in experiment.evaluation_warnings(metrics):
                 print(f"pyrovae evaluate: {line}", file=sys.stderr)
-        elif args.command == "sample" and args.method is None:
-            experiment = Experiment.from_run(args.run_dir, overrides, command="sample")
+        elif args.command == "sample":
+            _sample(args, overrides)
+        elif args.command in ("reconstruct", "interpolate"):
+            experiment = Experiment.from_run(args.run_dir, overrides, command=args.command)
             experiment.load_parameters(args.run_dir, args.checkpoint)
-            print(experiment.write_samples(args.out, run_dir=args.run_dir, count=args.count))
-        elif args.command in ("sample", "reconstruct", "interpolate"):
-            for line in _decoded_sentences(args, overrides):
+            for line in _decoded_sentences(args, experiment):
                 print(line)
         elif args.command == "analyze":
             experiment = Experiment.from_run(args.run_dir, overrides, command="analyze")

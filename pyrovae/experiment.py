@@ -20,6 +20,7 @@ gives) plus the scheduled inputs at the loaded checkpoint's step.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import sys
@@ -585,15 +586,68 @@ class Experiment:
         device = next(self.model.parameters()).device
         return {key: value.to(device) for key, value in batch.items()}
 
-    def decoding_labels(self, label: int | None, rows: int) -> torch.Tensor | None:
+    def reads_label(self) -> bool:
+        """Whether the model generates from a label y: its ``conditions_on_label`` where it says
+        (sentence models), else whether its ``forward`` names ``y`` (label_cvae, M2, a user's own)."""
+        flag = getattr(self.model, "conditions_on_label", None)
+        if flag is not None:
+            return bool(flag)
+        return "y" in inspect.signature(self.model.forward).parameters
+
+    def requested_classes(self, label: int | str) -> list[int]:
+        """The classes that ``--label`` asks for: ``[label]``, or every class for ``"all"``; a
+        one-line error for a model that reads no label, data without labels, or a label out of range."""
+        spec, name = self.data.spec, type(self.model).__name__
+        if not self.reads_label():
+            raise ConfigError(f"--label {label}: {name} does not generate from a label y (its forward takes no y)")
+        if not spec.num_classes:
+            raise ConfigError(f"--label {label}: data set {spec.name!r} has no labels")
+        if label == "all":
+            return list(range(spec.num_classes))
+        if not 0 <= int(label) < spec.num_classes:
+            raise ConfigError(f"--label {label} is out of range: data set {spec.name!r} has labels 0..{spec.num_classes - 1}")
+        return [int(label)]
+
+    def decoding_labels(self, label: int | str | None, rows: int) -> torch.Tensor | None:
         """``rows`` copies of ``label`` on the model's device for a label-conditioned model (which
-        needs one in 0..num_classes-1); None for a model that reads no label."""
-        if not getattr(self.model, "conditions_on_label", False):
+        needs one in 0..num_classes-1); None for a model that reads no label and was given none."""
+        if label is None:
+            if getattr(self.model, "conditions_on_label", False):
+                raise ConfigError(f"{type(self.model).__name__} decodes with a label: give --label in 0..{self.data.spec.num_classes - 1}")
             return None
-        classes = self.data.spec.num_classes
-        if label is None or not 0 <= label < classes:
-            raise ConfigError(f"{type(self.model).__name__} decodes with a label: give --label in 0..{classes - 1}")
-        return torch.full((rows,), label, dtype=torch.int64, device=next(self.model.parameters()).device)
+        classes = self.requested_classes(label)
+        if len(classes) != 1:
+            raise ConfigError("--label all draws images or feature rows of every class; sentences are decoded with one label")
+        return torch.full((rows,), classes[0], dtype=torch.int64, device=next(self.model.parameters()).device)
+
+    def write_label_samples(self, label: int | str, path: str | Path | None = None, run_dir: str | Path | None = None, count: int = 16) -> Path:
+        """What the model generates for requested labels (``label``: a class, or ``"all"`` for each
+        class): ``count`` draws of z from the prior, each shown as the mean of p(x | z, y). A PNG with
+        one row per label for image data (``samples_label_<label>.png``), else JSON with the rows
+        per label (``samples_label_<label>.json``); for multi-hot labels, the vector with only that label on."""
+        from pyrovae.analysis.conditional import class_grid, label_samples
+        from pyrovae.data.images import CLASS_NAMES
+
+        spec, classes = self.data.spec, self.requested_classes(label)
+        images = spec.image_shape is not None
+        path = Path(path) if path is not None else Path(run_dir or ".") / f"samples_label_{label}{'.png' if images else '.json'}"
+        if images and path.suffix.lower() != ".json":
+            names = CLASS_NAMES.get(spec.name)
+            options = {"class_names": names, "inputs": self.inputs(), "classes": classes, "label_format": spec.label_format}
+            return class_grid(self.model, path, spec.num_classes, spec.image_shape, per_class=count, **options)
+        if path.suffix.lower() == ".png":
+            raise ConfigError(f"data set {spec.name!r} has no image shape to draw; write JSON instead (--out FILE.json)")
+        labels = torch.tensor(classes).repeat_interleave(count)
+        if spec.label_format == "multi_hot":
+            labels = torch.nn.functional.one_hot(labels, spec.num_classes)
+        means = label_samples(self.model, labels, spec.x_features, self.inputs()).reshape(len(classes), count, -1)
+        content = {
+            "about": {"data": spec.name, "step": self.step, "label_format": spec.label_format},
+            "values": "means of p(x | z, y), z drawn from the prior",
+            "samples": {str(c): [[float(f"{v:.5g}") for v in row] for row in rows.double().tolist()] for c, rows in zip(classes, means.cpu())},
+        }
+        write_text_atomically(path, json.dumps(content, indent=1) + "\n")
+        return path
 
     def write_samples(self, path: str | Path | None = None, run_dir: str | Path | None = None, count: int = 16) -> Path:
         """Prior samples and reconstructions of the first ``count`` test rows: a PNG grid for

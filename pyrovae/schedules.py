@@ -209,6 +209,11 @@ class ExponentialDecay:
     initial: float = 1.0
     minimum: float = 0.5
 
+    def __post_init__(self):
+        _require(self.rate >= 0, f"exponential_decay needs rate >= 0 (a decay), got {self.rate}")
+        _require(self.minimum >= 0, f"exponential_decay needs minimum >= 0, got {self.minimum}")
+        _require(self.initial >= self.minimum, f"exponential_decay needs initial >= minimum, got {self.initial} < {self.minimum}")
+
     def __call__(self, step: int) -> float:
         return max(self.minimum, self.initial * math.exp(-self.rate * step))
 

@@ -194,6 +194,31 @@ def test_digits_end_to_end_and_the_classifier_check(tmp_path, capsys):
     predicted = torch.as_tensor(classifier.predict(label_samples(loaded.model, labels, 64).numpy()))
     assert float((predicted == labels).float().mean()) >= 0.8
     assert float((predicted == (labels + 1) % 10).float().mean()) < 0.2
+    # From the command line: samples of one requested label (JSON rows here), and a grid of every class.
+    capsys.readouterr()
+    assert main(["sample", str(run), "--label", "3", "--count", "50", "--out", str(tmp_path / "three.json")]) == 0
+    capsys.readouterr()
+    rows = json.loads((tmp_path / "three.json").read_text())["samples"]
+    assert list(rows) == ["3"] and len(rows["3"]) == 50
+    assert float((torch.as_tensor(classifier.predict(torch.tensor(rows["3"]).numpy())) == 3).float().mean()) >= 0.8
+    assert main(["sample", str(run), "--label", "all", "--count", "4"]) == 0
+    assert Path(capsys.readouterr().out.strip()) == run / "samples_label_all.png" and (run / "samples_label_all.png").stat().st_size > 1000
+    assert main(["sample", str(run), "--label", "10"]) == 2
+    assert "--label 10 is out of range: data set 'digits' has labels 0..9" in capsys.readouterr().err
+
+
+def test_label_samples_are_refused_for_a_model_that_reads_no_label():
+    experiment = Experiment.from_config(
+        {
+            "data": {"name": "digits"},
+            "model": {"name": "vae", "latent_dim": 2, "hidden": [8]},
+            "guide": {"name": "diag_normal", "hidden": [8]},
+        }
+    )
+    assert not experiment.reads_label()
+    with pytest.raises(ConfigError, match="GaussianVAE does not generate from a label y"):
+        experiment.write_label_samples(3, Path(tempfile.mkdtemp()) / "three.png")
+    assert experiment.decoding_labels(None, 4) is None
 
 
 def test_generated_label_accuracy_against_known_generators():

@@ -241,6 +241,24 @@ def test_relaxed_distribution_refuses_a_non_positive_temperature():
 # --- end to end through the CLI -----------------------------------------------------------------
 
 
+def test_a_temperature_of_zero_is_a_one_line_error_of_the_command(tmp_path, capsys):
+    experiment = {
+        "data": {"name": "digits"},
+        "model": {"name": "categorical_vae", "groups": 2, "categories": 3, "hidden": [8]},
+        "guide": {"name": "categorical", "hidden": [8]},
+        "schedules": {"temperature": {"name": "constant", "value": 0.0}},
+        "train": {"epochs": 1},
+    }
+    path = tmp_path / "zero.toml"
+    path.write_text(dump_toml(experiment))
+    assert main(["train", str(path), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == (
+        "pyrovae train: error: the relaxed estimator needs a temperature > 0, and [schedules.temperature] gives 0.0: "
+        "set its value, or its initial and minimum, above 0"
+    )
+
+
 @pytest.mark.parametrize(
     "estimator, objective",
     [("relaxed", {"name": "elbo"}), ("straight_through", {"name": "elbo"}), ("score_function", {"name": "iwae", "particles": 4})],

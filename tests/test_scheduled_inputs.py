@@ -143,6 +143,11 @@ def test_schedule_tables_are_type_checked():
     config["schedules"]["temperature"] = {"name": "exponential_decay", "rat": 0.1}
     with pytest.raises(ConfigError, match=r"unknown key 'rat'"):
         resolve_config(config)
+    # A decay that grows, falls below zero or starts under its floor is refused when the config is read.
+    for bad, message in [({"rate": -1.0}, "needs rate >= 0"), ({"minimum": -1.0}, "needs minimum >= 0"), ({"initial": 0.2}, "needs initial >= minimum")]:
+        config["schedules"]["temperature"] = {**DECAY, **bad}
+        with pytest.raises(ConfigError, match=r"\[schedules.temperature\] 'exponential_decay': exponential_decay " + message):
+            Experiment.from_config(config)
 
 
 def test_a_temperature_schedule_is_not_accepted_as_beta():

@@ -98,17 +98,23 @@ def class_grid(
     per_class: int = 10,
     class_names: Sequence[str] | None = None,
     inputs: Mapping[str, float] | None = None,
+    classes: Sequence[int] | None = None,
+    label_format: str = "integer",
 ) -> Path:
-    """One PNG with one row per class c = 0..C-1: ``per_class`` samples generated for label c."""
+    """One PNG with one row per class c (``classes``, default 0..C-1): ``per_class`` samples generated
+    for label c (for ``label_format = "multi_hot"``, for the label vector with only c on)."""
     features = int(np.prod(image_shape))
-    labels = torch.arange(num_classes).repeat_interleave(per_class)
-    images = label_samples(model, labels, features, inputs).reshape(num_classes, per_class, features)
-    figure, axes = plt.subplots(num_classes, per_class, figsize=(per_class * 0.8 + 1.2, num_classes * 0.8), squeeze=False)
-    for label in range(num_classes):
+    classes = list(range(num_classes)) if classes is None else [int(c) for c in classes]
+    labels = torch.tensor(classes).repeat_interleave(per_class)
+    if label_format == "multi_hot":
+        labels = torch.nn.functional.one_hot(labels, num_classes)
+    images = label_samples(model, labels, features, inputs).reshape(len(classes), per_class, features)
+    figure, axes = plt.subplots(len(classes), per_class, figsize=(per_class * 0.8 + 1.2, len(classes) * 0.8 + 0.2), squeeze=False)
+    for row, label in enumerate(classes):
         for column in range(per_class):
-            _show(axes[label, column], images[label, column], image_shape)
-        name = class_names[label] if class_names else str(label)
-        axes[label, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
+            _show(axes[row, column], images[row, column], image_shape)
+        name = f"{label}: {class_names[label]}" if class_names else str(label)
+        axes[row, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
     figure.tight_layout()
     path = Path(path)
     save_figure(figure, path, dpi=100)
