@@ -434,6 +434,12 @@ class Experiment:
         path, metadata = found
         check_checkpoint_fingerprint(metadata, self.config, path, RESUMABLE_SETTINGS, "--resume")
         check_checkpoint_vocabulary(metadata, getattr(self.data, "vocabulary", None), path, "--resume")
+        trained, planned = metadata.get("epoch"), self.train_config.epochs
+        if isinstance(trained, int) and trained > planned:
+            raise ConfigError(
+                f"--resume: train.epochs = {planned}, but {path} has already trained {trained} epochs; a resume may raise "
+                f"train.epochs, not lower it (give {trained} or more, or train a new run with --out)"
+            )
 
     def setting_notes(self) -> list[str]:
         """What some accepted settings do, said before training: a batch larger than the training

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from pyrovae.errors import FileWriteError, RunFolderLostError
+from pyrovae.errors import ConfigError, FileWriteError, RunFolderLostError
 
 
 def previous_path(path: str | Path) -> Path:
@@ -142,5 +142,11 @@ def save_figure(figure, path: str | Path, **options) -> None:
     """``figure.savefig(path, **options)`` (a matplotlib figure), atomically: the picture is drawn
     into a temporary file in the format of ``path``'s suffix, then renamed over it."""
     path = Path(path)
+    formats = figure.canvas.get_supported_filetypes()
+    if path.suffix.lstrip(".").lower() not in formats:
+        raise ConfigError(
+            f"{path}: a picture is written as {', '.join('.' + kind for kind in sorted(formats))}; "
+            f"{'no suffix' if not path.suffix else repr(path.suffix)} is not one of them"
+        )
     with written_atomically(path) as temporary:
-        figure.savefig(temporary, format=path.suffix.lstrip(".") or None, **options)
+        figure.savefig(temporary, format=path.suffix.lstrip(".").lower(), **options)

@@ -44,6 +44,9 @@ def test_train_evaluate_sample_on_digits(tmp_path, capsys, monkeypatch):
     png = tmp_path / "grid.png"
     assert main(["sample", str(run), "--out", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    capsys.readouterr()
+    assert main(["sample", str(run), "--out", str(tmp_path / "grid.txt")]) == 2  # one line, no matplotlib traceback
+    assert "grid.txt: a picture is written as" in capsys.readouterr().err and not (tmp_path / "grid.txt").exists()
 
     # The run folder itself is the experiment of a resume: one more epoch, in the same folder.
     assert main(["train", str(run), "--no-progress"]) == 2

@@ -76,6 +76,16 @@ def test_a_finished_run_resumes_to_the_same_result(tmp_path):
         assert again[key] == final[key], key
 
 
+def test_a_resume_that_lowers_the_epochs_below_those_trained_is_refused_and_changes_nothing(tmp_path, capsys):
+    run = tmp_path / "run"
+    Experiment.from_config(tiny_experiment(train={"epochs": 3})).train(run, progress=False)
+    files = {path.name: path.read_bytes() for path in (run / "config.toml", run / "metrics.jsonl", run / "final.json")}
+    assert main(["train", str(run), "--resume", "--set", "train.epochs=2", "--no-progress"]) == 2
+    error = capsys.readouterr().err
+    assert "--resume: train.epochs = 2, but" in error and "has already trained 3 epochs; a resume may raise train.epochs, not lower it" in error
+    assert {name: (run / name).read_bytes() for name in files} == files
+
+
 def test_an_early_stopped_run_stays_stopped_on_resume(tmp_path):
     run = tmp_path / "run"
     settings = {"epochs": 60, "patience": 1, "lr": 0.3}

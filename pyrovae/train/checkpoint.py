@@ -103,7 +103,7 @@ METADATA_SOURCES = (LATEST, "latest.prev.pt", BEST, "best.prev.pt")
 
 
 def read_metadata(folder: str | Path) -> tuple[Path, dict] | None:
-    """(checkpoint, {"fingerprint": ..., "run_files": {...}}) of the newest readable checkpoint in
+    """(checkpoint, {"fingerprint": ..., "run_files": {...}, "epoch": N}) of the newest readable checkpoint in
     ``folder`` (``run_dir/checkpoints``), read memory-mapped (the tensors are not loaded); None when
     there is none. A damaged or unsafe file is skipped."""
     for name in METADATA_SOURCES:
@@ -115,7 +115,9 @@ def read_metadata(folder: str | Path) -> tuple[Path, dict] | None:
         except Exception:  # noqa: BLE001 - any unreadable file is skipped; the next copy may serve
             continue
         if isinstance(saved, dict):
-            return path, {"fingerprint": saved.get("fingerprint"), "run_files": dict(saved.get("run_files") or {})}
+            state = saved.get("state")
+            epoch = state.get("epoch") if isinstance(state, dict) else None
+            return path, {"fingerprint": saved.get("fingerprint"), "run_files": dict(saved.get("run_files") or {}), "epoch": epoch}
     return None
 
 
