@@ -27,6 +27,10 @@ A site the model marks for enumeration (``infer={"enumerate": ...}``, or a ``Lat
 declared ``enumerated``) is enumerated by the guide, from q(s | x), masked to the rows whose label
 is hidden where the model observes it with ``obs_mask``, and summed out exactly by ``enum_elbo``.
 It comes first; under ``dependent`` the continuous sites read its value: M2's q(y | x) q(z | x, y).
+
+Every site is drawn inside the model's own data plate (its name, e.g. ``"images"``, its dim and its
+size), so the pair also runs under Pyro's ``Trace_ELBO``, ``TraceGraph_ELBO`` and ``TraceEnum_ELBO``
+as one plate, without a "plate statements in guide but not model" warning.
 """
 
 from __future__ import annotations
@@ -275,7 +279,11 @@ class AutoGuide(Guide):
                 f"auto guide: {model_name} has not been traced: call model.describe(batch) on a batch first "
                 "(pyrovae's Experiment does it on the first training rows)"
             )
-        self.use_data_plate(description.data_plate)
+        # The guide opens the model's own data plate (its name and dim), so plain Pyro objectives
+        # (Trace_ELBO, TraceGraph_ELBO, TraceEnum_ELBO) see one plate in model and guide; pyrovae's
+        # calls rename its frames to "data" in both halves alike.
+        self.plate_name = description.data_plate
+        self.use_data_plate(self.plate_name)
         # A model may put its data plate left of dim -1 (other plates to its right): the guide's
         # values then carry singleton dims there, as the model's do.
         self.plate_dim = description.data_plate_dim
@@ -419,7 +427,7 @@ class AutoGuide(Guide):
         hidden = self._per_row(self._hidden(batch), trailing=1)
         raw_roots = dict(zip(self.root, self.root_head(hidden).split(self.root_sizes, -1))) if self.root else {}
         values = {}
-        with pyro.plate("data", x.shape[0], dim=self.plate_dim, device=x.device):
+        with pyro.plate(self.plate_name, x.shape[0], dim=self.plate_dim, device=x.device):
             for name in self.order:
                 head = self.heads[name]
                 if name in raw_roots:

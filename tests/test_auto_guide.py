@@ -1,7 +1,10 @@
 """guide.name = "auto": the amortized guide drafted from the model's trace. Its mean-field form is
 the stock diag_normal guide exactly; each support gets its family; dependent structure follows the
 model's inverted graph (ladders, M2's q(z | x, y)); discrete sites are enumerated, score-function or
-relaxed; what it cannot draft is refused in one line; the compiled step captures it."""
+relaxed; what it cannot draft is refused in one line; the compiled step captures it; it opens the model's
+own data plate, so Pyro's Trace_ELBO, TraceGraph_ELBO and TraceEnum_ELBO see one plate and equal ours."""
+
+import warnings
 
 import pyro
 import pyro.distributions as dist
@@ -274,3 +277,113 @@ def test_the_encoder_inputs_can_be_chosen():
     assert auto(model, batch, inputs=["x"]).inputs == [("x", 12)]
     with pytest.raises(PairMismatchError, match=r"inputs = \['q'\]: name batch keys the encoder reads, of \['x', 'y'\]"):
         auto(model, batch, inputs=["q"])
+
+
+# --- the guide opens the model's own plate: plain Pyro objectives see one plate -----------------
+
+
+class ImageMixtureVAE(Model):
+    """y_n ~ Categorical(1/3) (enumerated),  z_n ~ Normal(0, I_4),
+    obs_n ~ Bernoulli(decoder([onehot(y_n), z_n])),  n in plate "images": Pyro's habits (plate named
+    after what it holds, site "obs", enumeration marked in the model)."""
+
+    def __init__(self, data=SPEC):
+        super().__init__(data)
+        self.decoder = torch.nn.Linear(3 + 4, data.x_features)
+
+    def forward(self, x, **batch):
+        with pyro.plate("images", x.shape[0]):
+            y = pyro.sample("y", dist.Categorical(x.new_full((3,), 1.0 / 3)), infer={"enumerate": "parallel"})
+            z = pyro.sample("z", dist.Normal(x.new_zeros(4), 1.0).to_event(1))
+            one_hot = torch.nn.functional.one_hot(y, 3).to(x.dtype)
+            lead = torch.broadcast_shapes(one_hot.shape[:-1], z.shape[:-1])
+            features = torch.cat([one_hot.expand(lead + (3,)), z.expand(lead + (4,))], -1)
+            pyro.sample("obs", dist.Bernoulli(logits=self.decoder(features)).to_event(1), obs=x)
+
+
+def image_vae():
+    return pyro_style.ImageVAE(pyro_style.Sizes(latent=4, hidden=16), SPEC)
+
+
+def plates(trace):
+    """The plates a trace opens: {name: (size, subsample size)} from their subsample sites, and the
+    (name, dim, size) frames its sample sites sit in."""
+    opened = {
+        name: (site["fn"].size, site["fn"].subsample_size)
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample" and pyro.poutine.util.site_is_subsample(site)
+    }
+    frames = {(f.name, f.dim, f.size) for site in trace.nodes.values() if site["type"] == "sample" for f in site["cond_indep_stack"]}
+    return opened, frames
+
+
+def plate_warnings(caught):
+    return [str(w.message) for w in caught if "plate" in str(w.message)]
+
+
+@pytest.mark.parametrize(
+    "make,structure",
+    [(image_vae, "mean_field"), (image_vae, "dependent"), (ImageMixtureVAE, "dependent"), (PixelPlateVAE, "mean_field")],
+    ids=["images", "images-dependent", "images-enumerated", "rows-at-dim-2"],
+)
+def test_the_guide_opens_the_models_own_data_plate(make, structure):
+    """Same name, dim and size as the model's data plate, whether pyrovae's rename is on (frames
+    read "data" in both halves) or off (the raw names: the model's own in both)."""
+    model = make()
+    batch = toy_batch()
+    guide = auto(model, batch, structure=structure)
+    plate = model.description.data_plate
+    for renamed in (True, False):
+        if not renamed:
+            model.use_data_plate("data")  # the alias off: each half as written
+            guide.use_data_plate("data")
+        model_plates, model_frames = plates(pyro.poutine.trace(model).get_trace(**batch))
+        guide_plates, guide_frames = plates(pyro.poutine.trace(guide).get_trace(**batch))
+        assert list(guide_plates) == [plate] and guide_plates[plate] == model_plates[plate]
+        assert guide_frames <= model_frames
+        assert {name for name, _, _ in guide_frames} == {"data" if renamed else plate}
+
+
+@pytest.mark.parametrize("make", [image_vae, PixelPlateVAE], ids=["images", "rows-at-dim-2"])
+def test_pyros_elbos_see_one_plate_and_equal_pyrovaes_elbo(make):
+    """Trace_ELBO, TraceGraph_ELBO and TraceEnum_ELBO on the trained pair, as a user would call them:
+    no "plate statements in guide but not model" warning, and the loss pyrovae's elbo reports on the
+    same draws."""
+    model = make()
+    batch = toy_batch()
+    guide = auto(model, batch)
+    rows = batch["x"].shape[0]
+    nesting = 2 if model.description.data_plate_dim == -2 else 1
+    pyro.set_rng_seed(5)
+    ours, _ = ELBO(max_plate_nesting=nesting)(model, guide, batch)
+    for reference in (
+        pyro.infer.Trace_ELBO(),
+        pyro.infer.TraceGraph_ELBO(),
+        pyro.infer.TraceEnum_ELBO(max_plate_nesting=nesting),
+    ):
+        pyro.set_rng_seed(5)
+        with warnings.catch_warnings(record=True) as caught, pyro.validation_enabled(True):
+            warnings.simplefilter("always")
+            theirs = reference.loss(model, guide, **batch)
+        assert plate_warnings(caught) == [], type(reference).__name__
+        assert float(ours.detach()) == pytest.approx(theirs / rows, rel=1e-5), type(reference).__name__
+
+
+def test_trace_enum_elbo_sums_the_auto_guides_enumerated_label_in_the_models_plate():
+    """The enumerated label of a model in plate "images": TraceEnum_ELBO runs without a plate
+    warning and equals pyrovae's enum_elbo on the same draws."""
+    model = ImageMixtureVAE()
+    batch = toy_batch()
+    guide = auto(model, batch, structure="dependent")
+    assert guide.enumerated == ["y"] and guide.parents["z"] == ["y"]
+    objective = EnumELBO()
+    objective.prepare(model, guide, batch)
+    pyro.set_rng_seed(2)
+    ours, metrics = objective(model, guide, batch)
+    pyro.set_rng_seed(2)
+    with warnings.catch_warnings(record=True) as caught, pyro.validation_enabled(True):
+        warnings.simplefilter("always")
+        theirs = pyro.infer.TraceEnum_ELBO(max_plate_nesting=1).differentiable_loss(model, guide, **batch)
+    assert plate_warnings(caught) == []
+    assert float(ours.detach()) == pytest.approx(float(theirs.detach()) / len(batch["x"]), abs=1e-5)
+    assert float(metrics["elbo"]) == pytest.approx(-float(theirs.detach()) / len(batch["x"]), abs=1e-5)
