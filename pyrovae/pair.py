@@ -723,6 +723,39 @@ def _support_mismatch(name: str, guide_site: dict, model_site: dict, guide_name:
     return message + "; every draw of the guide must lie in the prior's support"
 
 
+def _observed_outside_support(trace, model_name: str) -> str | None:
+    """The first observed site whose data (where unmasked) lie outside its distribution's support,
+    such as grey levels observed by a Bernoulli; None when all data fit."""
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or not site["is_observed"] or site["infer"].get(AUXILIARY_TERM):
+            continue
+        fn, value = site["fn"], site["value"]
+        try:
+            inside = fn.support.check(value)
+            mask = site.get("mask")
+            if torch.is_tensor(mask):
+                inside = inside | ~mask.bool()
+            if bool(inside.all()):
+                continue
+        except Exception:  # noqa: BLE001 - a support that cannot check these data: nothing to say
+            continue
+        base, values = _innermost_distribution(fn), value.detach().float()
+        example = f"values in [{float(values.min()):g}, {float(values.max()):g}]"
+        try:
+            outside = ~base.support.check(value)
+            if outside.shape == value.shape and bool(outside.any()):
+                where = tuple(int(i) for i in outside.nonzero()[0])
+                example = f"e.g. {float(values[where]):g} at index {list(where)}, {example}"
+        except Exception:  # noqa: BLE001 - the range alone then
+            pass
+        return (
+            f"{model_name} observes site {name!r} with {type(base).__name__} (support "
+            f"{describe_support(fn.support)}), but the data lie outside it ({example}): binarize the data for a Bernoulli ([data] binarize = 'dynamic' or 'static'), "
+            "or observe them with a distribution whose support holds them"
+        )
+    return None
+
+
 def _first_support_mismatch(guide_sites: dict, model_sites: dict, guide_name: str, model_name: str) -> str | None:
     for name, guide_site in guide_sites.items():
         if name in model_sites:
@@ -800,6 +833,9 @@ def _check_pair(model: Model, guide: Guide, batch: Mapping[str, object]) -> None
     message = _first_support_mismatch(guide_sites, model_sites, guide_name, model_name)
     if message:
         raise PairMismatchError(message)
+    message = _observed_outside_support(model_trace, model_name)
+    if message:
+        raise DataError(message)
     check_particles(model, guide, batch)
 
 

@@ -138,6 +138,13 @@ def test_a_network_that_cannot_take_particles_is_refused_before_training():
         check_pair(model, guide, {"x": x})
 
 
+@pytest.mark.parametrize("guide", ["auto", "ImageEncoder"])
+def test_grey_levels_observed_by_a_users_bernoulli_are_named_as_the_data_not_as_particles(guide, tmp_path):
+    config = experiment({**DIGITS, "binarize": "none"}, "ImageVAE", guide)
+    with pytest.raises(pyrovae.DataError, match=r"^ImageVAE observes site 'obs' with Bernoulli \(support boolean\), but the data lie outside it \(e\.g\. 0\.\d+ at index \[\d+, \d+\]"):
+        Experiment.from_config(config).train(tmp_path / "run", progress=False)
+
+
 def test_importing_pyrovae_changes_no_pyro_setting():
     script = textwrap.dedent(
         """
