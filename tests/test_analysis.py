@@ -379,6 +379,42 @@ def test_write_analysis_on_variable_length_token_rows(tmp_path):
     assert analysis.numbers["is_log_likelihood"] == pytest.approx(float(reference.mean()), abs=0.5)
 
 
+def remedy_tables(remedies) -> list[dict]:
+    import tomllib
+
+    return [tomllib.loads(remedy.toml) for remedy in remedies if remedy.toml]
+
+
+def test_remedies_fit_the_run_they_are_written_for():
+    """Text-only remedies only for a pair that reads ``word_keep`` and a model whose config takes
+    the dilated-CNN decoder; free bits around the run's own objective; the run's step count."""
+    from pyrovae.analysis.collapse import remedies_for
+    from pyrovae.models.sentence import SentenceVAE, SentenceVAEConfig
+
+    history = [{"epoch": e, "step": 22 * e, "beta": 1.0} for e in range(1, 11)]
+    model, guide = tiny_pair()
+    image = remedy_tables(remedies_for(model, guide, "elbo", history))
+    assert [sorted(table) for table in image] == [["objective"], ["anneal"], ["train"]]
+    assert image[0]["objective"]["objective"] == "elbo" and image[1]["anneal"]["total_steps"] == 220
+    words = DataSpec("words", (11,), "categorical", num_categories=30)
+    sentence = SentenceVAE(SentenceVAEConfig(latent_dim=2, embedding_dim=8, hidden=8), words)
+    text = remedy_tables(remedies_for(sentence, None, "meanfield_elbo", history + [{"schedule/word_keep": 0.75}], sentence_length=11.0))
+    assert {"name": "constant", "value": 0.45} in [table.get("schedules", {}).get("word_keep") for table in text]
+    assert {"decoder": "dilated_cnn", "dilations": [1, 2]} in [table.get("model") for table in text]  # 1 + 2 x 3 = 7 < 11 words
+    assert text[0]["objective"]["objective"] == "meanfield_elbo"
+    # the config refuses the dilated CNN without z at every step; a dilated CNN as short already has nothing to shed
+    for config in (SentenceVAEConfig(latent_dim=2, z_every_step=False), SentenceVAEConfig(latent_dim=2, decoder="dilated_cnn", dilations=[1, 2])):
+        assert "model" not in {key for table in remedy_tables(remedies_for(SentenceVAE(config, words), None, "elbo", history, 11.0)) for key in table}
+    # free bits already on: no TOML to paste for them; enum_elbo: free bits cannot wrap it; iwae: said to be replaced
+    assert not any("objective" in table for table in remedy_tables(remedies_for(model, guide, "free_bits", history)))
+    assert not any("objective" in table for table in remedy_tables(remedies_for(model, guide, "enum_elbo", history)))
+    (iwae, *_) = remedies_for(model, guide, "iwae", history)
+    assert "instead of the run's `iwae`" in iwae.about and 'objective = "elbo"' in iwae.toml
+    # no records: the schedule says how to count the steps instead of inventing a number
+    (cyclical,) = [remedy for remedy in remedies_for(model, guide, "elbo", None) if "cyclical" in remedy.about]
+    assert "total_steps" not in remedy_tables([cyclical])[0]["anneal"] and "epochs x steps per epoch" in cyclical.about
+
+
 @pytest.fixture(scope="module")
 def quickstart_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("quickstart") / "run"

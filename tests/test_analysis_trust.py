@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import tomllib
 from pathlib import Path
 
@@ -19,14 +20,14 @@ import tests.test_analysis as base
 from pyrovae.analysis import arviz_compat, psis_diagnostics, to_inference_data, write_analysis
 from pyrovae.analysis import posterior_plots
 from pyrovae.analysis.arviz_compat import ARVIZ_1, az, from_netcdf, group, group_names, to_netcdf
-from pyrovae.analysis.collapse import REMEDIES, diagnose_collapse
+from pyrovae.analysis.collapse import diagnose_collapse, remedies_for, uses_free_bits
 from pyrovae.analysis.compare import elpd_data, paired_difference
 from pyrovae.analysis.diagnostics import MI_CEILING_SHARE, weak_estimate_warnings
 from pyrovae.cli import main
 from pyrovae.config import dump_toml
 from pyrovae.distributions import DiagonalNormal
 from tests import families
-from tests.conftest import SHARED_DATA, tiny_pair
+from tests.conftest import SHARED_DATA, tiny_experiment, tiny_pair
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -309,8 +310,12 @@ def test_each_verdict_from_its_numbers():
     flat = [0.9, 0.9, 0.9, 0.9]
     collapsed = diagnose_collapse({"z": [0.001, 0.002]}, {"z": [0.0, 0.0]}, 0.01, 0.003, 200)
     assert collapsed.verdict == "collapsed"
-    paid_for_nothing = diagnose_collapse({"z": [1.5, 1.5]}, {"z": [0.001, 0.0]}, 0.01, 0.02, 200)  # free bits' KL, no information
+    paid_for_nothing = diagnose_collapse({"z": [1.5, 1.5]}, {"z": [0.001, 0.0]}, 0.01, 0.02, 200)  # KL, no information
     assert paid_for_nothing.verdict == "collapsed" and "no unit is active" in paid_for_nothing.reason
+    assert "free bits" not in paid_for_nothing.reason  # the run's objective holds no KL up
+    held_up = diagnose_collapse({"z": [1.5, 1.5]}, {"z": [0.001, 0.0]}, 0.01, 0.02, 200, free_bits=True)
+    assert "(free bits allow this)" in held_up.reason
+    assert uses_free_bits("free_bits") and uses_free_bits(None, [{"train/free_bits/groups": 2.0}]) and not uses_free_bits("elbo", history(flat, flat))
     partly = diagnose_collapse({"z": [2.0, 1.0, 0.01, 0.02]}, {"z": [0.5, 0.3, 0.0, 0.001]}, 0.01, 1.5, 200, history(flat, [-50, -49, -48, -47]))
     assert partly.verdict == "partly collapsed" and partly.reason.startswith("2 of 4 dimensions carry information")
     lagging = diagnose_collapse({"z": [0.3, 0.3]}, {"z": [0.1, 0.1]}, 0.01, 0.2, 200, history([3.0, 2.0, 1.0, 0.6], [-60, -55, -52, -50]))
@@ -356,10 +361,63 @@ def test_he_et_al_synthetic_data_basic_training_collapses_and_free_bits_keeps_th
     near 0 (collapsed, with the remedies' TOML); free bits (1 nat) keep the scalar latent in use."""
     basic = train_and_analyze(tmp_path / "basic", synthetic())
     assert basic["collapse"]["verdict"] == "collapsed"
-    for _, toml in REMEDIES:
-        assert toml.splitlines()[0] in basic["report"]
+    remedies = basic["collapse"]["remedies"]
+    for remedy in remedies:
+        assert remedy["toml"] in basic["report"]
+    tables = [tomllib.loads(remedy["toml"]) for remedy in remedies]
+    # a sentence VAE with an LSTM decoder: word dropout and the dilated CNN fit it, wrapping its own objective
+    assert {"schedules", "model", "objective", "anneal", "train"} <= {key for table in tables for key in table}
+    assert {"decoder": "dilated_cnn", "dilations": [1, 2]} in [table.get("model") for table in tables]  # 7 words < 11 tokens
+    assert any(table.get("objective", {}).get("objective") == "meanfield_elbo" for table in tables)
     used = train_and_analyze(tmp_path / "free_bits", synthetic(FREE_BITS, train=2000, epochs=6))
     assert used["collapse"]["verdict"] == "healthy" and used["mutual_information"] > 0.3
+
+
+def rendered_code(report: str) -> tuple[list[str], str]:
+    """``report`` rendered by python-markdown (fenced code, tables): the text of its code blocks,
+    unescaped, and the HTML with every <code> element cut out."""
+    import html as entities
+    import re
+
+    markdown = pytest.importorskip("markdown")
+    html = markdown.markdown(report, extensions=["fenced_code", "tables"])
+    blocks = [entities.unescape(block) for block in re.findall(r"<pre><code[^>]*>(.*?)</code></pre>", html, flags=re.S)]
+    return blocks, re.sub(r"<code[^>]*>.*?</code>", "", html, flags=re.S)
+
+
+def test_an_image_run_of_a_users_own_model_gets_only_the_remedies_that_fit_it(tmp_path):
+    """A user's ``mymodels:MyVAE`` on digits with a KL weight of 30 collapses in 3 epochs. The
+    advice: no text-only remedy (word dropout, the dilated-CNN decoder), the run's own step count
+    and KL weight in the cyclical schedule, free bits around the run's objective, TOML that parses
+    and renders as code (python-markdown), and no "free bits allow this" for a run without them."""
+    name = f"mymodels_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / f"{name}.py").write_text("from pyrovae.models import GaussianVAE\n\n\nclass MyVAE(GaussianVAE):\n    pass\n")
+    experiment = tiny_experiment(
+        model={"name": f"{name}:MyVAE", "latent_dim": 4, "hidden": [32]},
+        anneal={"name": "constant", "value": 30.0},
+        evaluate={"particles": 20, "test_examples": 60},
+    )
+    try:
+        analysed = train_and_analyze(tmp_path, experiment)
+    finally:
+        sys.modules.pop(name, None)
+    report, collapse = analysed["report"], analysed["collapse"]
+    assert collapse["verdict"] != "healthy"
+    section = report[report.index("## Is the latent used?") :]
+    section = section[: section.index("\n## ", 3)]
+    for text_only in ("word_keep", "word dropout", "dilated", "decoder", "sentence"):
+        assert text_only not in section, text_only
+    assert "free bits allow" not in report
+    blocks, outside = rendered_code(section)
+    for line in ("[anneal]", "[objective]", "[train]", "total_steps", 'name = "'):
+        assert line not in outside, line  # every TOML line is inside a <code> element
+    tables = [tomllib.loads(block) for block in blocks]
+    assert tables and tables == [tomllib.loads(remedy["toml"]) for remedy in collapse["remedies"] if remedy["toml"]]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    (cyclical,) = [table["anneal"] for table in tables if table.get("anneal", {}).get("name") == "cyclical"]
+    assert cyclical["total_steps"] == records[-1]["step"] == 3 * records[0]["step"] and cyclical["end"] == 30.0
+    assert {"name": "free_bits", "objective": "elbo", "threshold": 0.1, "per": "dimension"} in [table.get("objective") for table in tables]
+    assert {"name": "constant", "value": 1.0} in [table.get("anneal") for table in tables]  # beta 30 -> the ELBO's 1
 
 
 REVIEWS = {"limit": 1000, "max_size": 300}

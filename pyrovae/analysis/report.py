@@ -13,7 +13,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from pyrovae.analysis.arviz_compat import ARVIZ_VERSION, group, has_group, to_netcdf
-from pyrovae.analysis.collapse import INFORMATIVE_NATS, STRONG_NATS, diagnose_collapse
+from pyrovae.analysis.collapse import INFORMATIVE_NATS, STRONG_NATS, diagnose_collapse, remedies_for, uses_free_bits
 from pyrovae.analysis.diagnostics import MIN_PSIS_SAMPLES, PARETO_K_BAD, PARETO_K_GOOD, psis_diagnostics, weak_estimate_warnings
 from pyrovae.analysis.active_units import active_units
 from pyrovae.analysis.latents import (
@@ -149,7 +149,19 @@ def write_analysis(
     k = psis["pareto_k"].values
     finite = k[np.isfinite(k)]
     ess = psis["importance_ess"].values
-    diagnosis = diagnose_collapse(kl, {name: activity[name].values for name in activity.data_vars}, ACTIVE_UNIT_THRESHOLD, mi if kl else None, count, history)
+    objective = str(all_attrs["objective"]) if "objective" in all_attrs else None
+    lengths = tensors.get("lengths")
+    remedies = remedies_for(model, guide, objective, history, float(lengths.double().mean()) if lengths is not None and lengths.numel() else None)
+    diagnosis = diagnose_collapse(
+        kl,
+        {name: activity[name].values for name in activity.data_vars},
+        ACTIVE_UNIT_THRESHOLD,
+        mi if kl else None,
+        count,
+        history,
+        free_bits=uses_free_bits(objective, history),
+        remedies=remedies,
+    )
     warnings = weak_estimate_warnings(float(np.mean(k > PARETO_K_BAD)), mi if kl else None, count)
     numbers = {
         "test_examples": count,
@@ -368,11 +380,11 @@ def _collapse_section(diagnosis, numbers) -> str:
         text += f"Over training (epochs after the KL weight settled), `{trend.measure}`: {values}.\n\n"
     else:
         text += "No training trend: `metrics.jsonl` holds fewer than three validation records after the KL weight settled.\n\n"
-    if diagnosis.verdict != "healthy":
-        text += "Remedies pyrovae has, with the TOML to try (one at a time, in the experiment file):\n\n"
-        for about, toml in diagnosis.remedies:
-            text += f"- {about}:\n\n  ```toml\n" + "\n".join("  " + line for line in toml.splitlines()).lstrip() + "\n  ```\n"
-        text += "\n"
+    if diagnosis.verdict != "healthy" and diagnosis.remedies:
+        text += "Remedies pyrovae has for this run, with the TOML to try (one at a time; its keys go into the experiment file's table of that name):\n\n"
+        for number, remedy in enumerate(diagnosis.remedies, 1):
+            # a paragraph and a fenced block at the top level: fenced blocks inside list items break in some renderers
+            text += f"**{number}.** {remedy.about}" + (":\n\n```toml\n" + remedy.toml + "\n```\n\n" if remedy.toml else ".\n\n")
     return text
 
 
