@@ -106,7 +106,7 @@ def _free_bits_remedy(objective: str | None, history) -> Remedy | None:
 
 def _cyclical_remedy(history) -> Remedy:
     beta = _final(history, "beta")
-    end = 1.0 if beta is None else beta
+    end = beta if beta is not None and beta > 0 else 1.0  # the run's KL weight (1 where it had none or 0)
     about = f"cyclical KL annealing (Fu et al. 2019): the KL weight ramps from 0 to {end:g} several times, so the guide relearns to encode x"
     length = run_steps(history)
     lines = ['[anneal]', 'name = "cyclical"']
