@@ -16,6 +16,8 @@ training starts.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -348,6 +350,15 @@ class _RenamePlate(Messenger):
             msg["cond_indep_stack"] = tuple(frame._replace(name=self.new) if frame.name == self.old else frame for frame in stack)
 
 
+@functools.lru_cache(maxsize=None)
+def _keywords_of(cls) -> frozenset | None:
+    """The keyword names ``cls.forward`` takes; None when it takes ``**batch`` (every key)."""
+    parameters = inspect.signature(cls.forward).parameters.values()
+    if any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters):
+        return None
+    return frozenset(p.name for p in parameters if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY))
+
+
 class _TorchOwnedParameters(PyroModule):
     """A PyroModule whose plain ``torch.nn`` children are returned as they are.
 
@@ -359,6 +370,15 @@ class _TorchOwnedParameters(PyroModule):
     """
 
     def __call__(self, *args, **kwargs):
+        accepted = _keywords_of(type(self))
+        if accepted is not None and not accepted.issuperset(kwargs):
+            # forward(self, x) as Pyro's examples write it: the batch keys it does not name (labels,
+            # masks) are not passed; a scheduled input it declares but does not take is an error.
+            declared = set(getattr(self, "scheduled_inputs", None) or ())
+            missing = sorted(declared.intersection(kwargs) - accepted)
+            if missing:
+                raise TypeError(f"{type(self).__name__}.forward declares the scheduled input {missing[0]!r} but takes no such argument")
+            kwargs = {key: value for key, value in kwargs.items() if key in accepted}
         alias = self.__dict__.get(_DATA_PLATE_ALIAS)
         if alias is not None:
             with _RenamePlate(alias, DATA_PLATE):

@@ -63,6 +63,20 @@ class ImageEncoder(Guide):
             pyro.sample("latent", dist.Normal(self.loc(h), torch.exp(self.scale(h))).to_event(1))
 
 
+class XOnlyVAE(ImageVAE):
+    """ImageVAE with ``forward(self, x)``, as Pyro's tutorials write it: the data's labels are not passed."""
+
+    def forward(self, x):
+        return super().forward(x)
+
+
+class XOnlyEncoder(ImageEncoder):
+    """ImageEncoder with ``forward(self, x)``."""
+
+    def forward(self, x):
+        return super().forward(x)
+
+
 # --- ProdLDA's habits: plate "documents", a BatchNorm1d decoder, a logistic-normal topic mix ----
 
 

@@ -46,6 +46,8 @@ PAIRS = [
     ("documents_batch_norm", DIGITS, "DocumentModel", "DocumentEncoder", {"name": "iwae", "particles": 3}),
     ("documents_auto", DIGITS, "DocumentModel", "auto", None),
     ("markov_frames", FRAMES, "FrameMarkovModel", "FrameMarkovGuide", None),
+    ("forward_takes_only_x", DIGITS, "XOnlyVAE", "XOnlyEncoder", None),
+    ("forward_takes_only_x_auto", DIGITS, "XOnlyVAE", "auto", None),
 ]
 
 
@@ -143,6 +145,28 @@ def test_grey_levels_observed_by_a_users_bernoulli_are_named_as_the_data_not_as_
     config = experiment({**DIGITS, "binarize": "none"}, "ImageVAE", guide)
     with pytest.raises(pyrovae.DataError, match=r"^ImageVAE observes site 'obs' with Bernoulli \(support boolean\), but the data lie outside it \(e\.g\. 0\.\d+ at index \[\d+, \d+\]"):
         Experiment.from_config(config).train(tmp_path / "run", progress=False)
+
+
+def test_a_forward_without_batch_keywords_gets_the_keys_it_names_and_must_take_its_scheduled_inputs():
+    spec = DataSpec("toy", (6,), "binary", num_classes=2)
+    seen = {}
+
+    class Tempered(pyro_style.XOnlyVAE):
+        scheduled_inputs = {"temperature": 1.0}
+
+        def forward(self, x, temperature):
+            seen.update(temperature=temperature)
+            return super().forward(x)
+
+    class Untempered(Tempered):
+        def forward(self, x):
+            return pyro_style.XOnlyVAE.forward(self, x)
+
+    x = torch.bernoulli(torch.full((4, 6), 0.5))
+    Tempered(pyro_style.Sizes(), spec)(x, y=torch.zeros(4, dtype=torch.long), temperature=0.3)
+    assert seen == {"temperature": 0.3}
+    with pytest.raises(TypeError, match="Untempered.forward declares the scheduled input 'temperature' but takes no such argument"):
+        Untempered(pyro_style.Sizes(), spec)(x, temperature=0.3)
 
 
 def test_importing_pyrovae_changes_no_pyro_setting():
