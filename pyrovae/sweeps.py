@@ -37,11 +37,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from pyrovae.config import load_experiment, load_toml, resolve_config
+from pyrovae.config import RESUMABLE_SETTINGS, load_experiment, load_toml, resolve_config
 from pyrovae.errors import ConfigError
 from pyrovae.train.progress import duration
 from pyrovae.files import write_text_atomically
-from pyrovae.run_folder import holds_a_run, locked_folder
+from pyrovae.run_folder import differences, holds_a_run, locked_folder
 
 PLAN_FILE = "sweep.json"
 LOG_FILE = "train.log"
@@ -213,6 +213,22 @@ def resolved(point: Point) -> dict:
         raise ConfigError(f"sweep point {point.name}: {error}") from None
 
 
+def _folder_config(folder: Path) -> dict | None:
+    """The resolved experiment of the run in ``folder`` (its ``config.toml``); None without one."""
+    try:
+        return resolve_config(load_toml(folder / "config.toml"))
+    except (OSError, ConfigError):
+        return None
+
+
+def foreign_settings(point: Point, config: dict) -> list[str]:
+    """The settings in which the run already in the point's folder differs from the point's
+    experiment beyond what a resume may change (``RESUMABLE_SETTINGS``): not empty means the folder
+    holds another experiment (the sweep ran before with another ``--set``), which it cannot continue."""
+    saved = _folder_config(point.folder) if holds_a_run(point.folder) else None
+    return [] if saved is None else differences(saved, config, RESUMABLE_SETTINGS)
+
+
 def status(point: Point, config: dict) -> str:
     """``finished`` (``final.json`` of the same resolved experiment, and the last session the sweep
     ran there ended well), ``resume`` (a checkpoint to continue from; also a run stopped after it
@@ -321,6 +337,13 @@ def run_sweep(
 def _sweep_locked(sweep, points, configs, jobs, threads, progress, say, poll_seconds) -> SweepResult:
     from tqdm.auto import tqdm
 
+    for point in points:
+        changed = foreign_settings(point, configs[point])
+        if changed:
+            raise ConfigError(
+                f"sweep point {point.name}: {point.folder} holds a run of another experiment (it differs in "
+                f"{', '.join(changed)}), which this sweep cannot continue; sweep into a new --out"
+            )
     write_text_atomically(sweep.out / PLAN_FILE, json.dumps(sweep.plan(), indent=2) + "\n")
     todo = {point: status(point, configs[point]) for point in points}
     skipped = [point for point in points if todo[point] == "finished"]
@@ -479,6 +502,9 @@ def summarize(sweep: Sweep) -> list[GroupSummary]:
         seed = point.folder.name
         group.seeds.append(seed)
         values = _run_values(point.folder)
+        saved = _folder_config(point.folder)
+        if values is not None and saved is not None and differences(saved, resolved(point), RESUMABLE_SETTINGS):
+            values = None  # a run of another experiment (an earlier --set) is not this point's result
         if values is None:
             group.missing.append(seed)
             continue

@@ -125,3 +125,16 @@ def test_a_sweep_killed_and_run_again_skips_finished_points_and_resumes_the_othe
     assert json.loads(capsys.readouterr().out)["test_elbo"] == pytest.approx(finals[1]["test_elbo"], rel=1e-9)
     groups = summarize(Sweep([experiment], out, seeds=[0, 1]))
     assert [group.missing for group in groups] == [[]]
+
+    # The same folders swept with another --set: refused before anything runs, and a summary for
+    # that --set credits none of the old runs to it.
+    before = markdown
+    capsys.readouterr()
+    other = ["sweep", str(experiment), "--out", str(out), "--seeds", "0-1", "--set", "model.latent_dim=3"]
+    assert main(other) == 2
+    error = capsys.readouterr().err
+    assert "sweep point base/seed0:" in error and "holds a run of another experiment (it differs in model.latent_dim)" in error
+    assert "sweep into a new --out" in error
+    assert (out / "summary.md").read_text() == before and (first / "final.json").stat().st_mtime_ns == finished_at
+    assert main([*other, "--summary-only"]) == 0
+    assert "| base | 0/2 |" in (out / "summary.md").read_text()
