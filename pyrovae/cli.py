@@ -28,6 +28,7 @@ from pyrovae.experiment import Experiment
 from pyrovae.traces import preserved_rng
 from pyrovae.train import distributed
 from pyrovae.train.distributed import DistributedJobError
+from pyrovae.train.progress import stderr_is_terminal
 from pyrovae.files import write_text_atomically
 
 # Failures that are the user's to fix: one line on stderr, exit 2, no traceback.
@@ -353,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
             experiment.load_parameters(args.run_dir, which)
             if args.test_examples is not None:
                 experiment.evaluate_config.test_examples = args.test_examples
-            metrics = experiment.test_metrics(particles=args.particles, progress=not args.no_progress)
+            metrics = experiment.test_metrics(particles=args.particles, progress=not args.no_progress and stderr_is_terminal())
             metrics["checkpoint"] = which
             print(json.dumps(metrics, indent=2))
             for line in experiment.evaluation_warnings(metrics):
@@ -371,7 +372,9 @@ def main(argv: list[str] | None = None) -> int:
             experiment.load_parameters(args.run_dir, which)
             if args.test_examples is not None:
                 experiment.evaluate_config.test_examples = args.test_examples
-            analysis = experiment.analyze(args.run_dir, samples=args.samples, points=args.points, checkpoint=which, progress=not args.no_progress)
+            analysis = experiment.analyze(
+                args.run_dir, samples=args.samples, points=args.points, checkpoint=which, progress=not args.no_progress and stderr_is_terminal()
+            )
             print(analysis.report)
             for line in analysis.numbers["warnings"]:
                 print(f"pyrovae analyze: {line}", file=sys.stderr)

@@ -177,6 +177,7 @@ OPTIONS_ADDED_SINCE = {
     "train.lr_plateau_max_decays": 0,
     "train.lr_plateau_reload_best": False,
     "model.bag_of_words_weight": 0.0,
+    "data.limit": 0,  # MNIST and Fashion-MNIST (text loaders always had it)
 }
 
 

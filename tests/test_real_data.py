@@ -22,6 +22,16 @@ def test_mnist_loader_on_the_real_files():
     assert 0.12 < float(splits.test["x"].mean()) < 0.14  # binarized ink density of MNIST
 
 
+def test_a_limit_keeps_the_first_training_images_for_quick_runs():
+    from pyrovae.data import mnist
+    from pyrovae.data.images import IDX_FILES, read_idx
+
+    splits = mnist(dir=str(MNIST), validation=200, limit=1000, binarize="none")
+    assert (splits.size("train"), splits.size("valid"), splits.size("test")) == (800, 200, 10000)
+    first = torch.from_numpy(read_idx(MNIST / IDX_FILES["train_labels"])[:1000].astype("int64"))
+    assert torch.equal(torch.bincount(torch.cat([splits.train["y"], splits.valid["y"]]), minlength=10), torch.bincount(first, minlength=10))
+
+
 @pytest.mark.slow
 def test_one_short_epoch_on_mnist_learns(tmp_path):
     config = tiny_experiment(

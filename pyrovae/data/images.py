@@ -135,19 +135,28 @@ def _idx_data_set(kind: str, description: str):
         seed: int = 0,
         labels_per_class: int = 0,
         memmap: Path | None = None,
+        limit: int = 0,
     ) -> DataSplits:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise DataError(f"{kind}: limit must be an integer >= 0 (0: all 60,000 training images), got {limit!r}")
+
         def build() -> DataSplits:
-            return _image_splits(kind, *load_idx_images(dir, kind, download), validation, binarize, seed, labels_per_class)
+            train_x, train_y, test_x, test_y = load_idx_images(dir, kind, download)
+            if limit:
+                train_x, train_y = train_x[:limit], train_y[:limit]
+            return _image_splits(kind, train_x, train_y, test_x, test_y, validation, binarize, seed, labels_per_class)
 
         if memmap is not None:  # the arrays written once to memory-mapped .npy files, then read from there
             source = {"loader": kind, "binarize": binarize, "validation": validation, "seed": seed, "labels_per_class": labels_per_class}
+            if limit:
+                source["limit"] = limit
             return cached_memmap(memmap, source, build)
         return build()
 
     load.__name__ = load.__qualname__ = kind.replace("-", "_")
     load.__doc__ = (
         f"{description} from IDX files in ``dir``: 60,000 train (less ``validation``), 10,000 test, with labels "
-        "``y``. ``labels_per_class > 0`` keeps that many training labels per class (see :mod:`pyrovae.data.labels`). "
+        "``y``. ``limit = N`` keeps the first N training images (validation is taken from them), for quick runs. ``labels_per_class > 0`` keeps that many training labels per class (see :mod:`pyrovae.data.labels`). "
         "``memmap = FOLDER`` writes the splits once to memory-mapped ``.npy`` arrays there and reads batches from "
         "them (see :mod:`pyrovae.data.memmap`)."
     )
