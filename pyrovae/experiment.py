@@ -502,6 +502,12 @@ class Experiment:
         # Monte Carlo standard error of the mean NLL: sqrt(sum_n Var[log p^(x_n)]) / N.
         mean_variance, _ = distributed.mean_rows(context, estimate.variance, hi - lo)
         standard_error = math.sqrt(mean_variance / test_examples)
+        # The test set's own sampling error of the mean (spread of log p(x_n) over the points / sqrt(N)):
+        # what a comparison between runs or with a paper must allow for. Each point's estimate carries
+        # its Monte Carlo variance too, which is taken out of the observed spread.
+        mean_square, _ = distributed.mean_rows(context, estimate.log_likelihood.double() ** 2, hi - lo)
+        spread = max(mean_square - mean_log_likelihood**2, 0.0) * test_examples / max(test_examples - 1, 1)
+        test_set_error = math.sqrt(max(spread - mean_variance, 0.0) / test_examples)
         # Kish's effective sample size per example, averaged: the standard error is trustworthy when it is large.
         mean_ess, _ = distributed.mean_rows(context, estimate.effective_sample_size, hi - lo)
         # Perplexity is per token: sequences of frames (real-valued x) have lengths but no tokens.
@@ -527,6 +533,7 @@ class Experiment:
             "test_log_likelihood": mean_log_likelihood,
             "test_nll": -mean_log_likelihood,
             "test_nll_standard_error": standard_error,
+            "test_nll_test_set_standard_error": test_set_error,
             "test_effective_sample_size": mean_ess,
             **sequence,
             "particles": particles,

@@ -36,6 +36,20 @@ def test_final_metrics_are_the_objectives_own_under_iwae(tmp_path):
     assert final["test_elbo"] < final["test_iwae"] < final["test_log_likelihood"] + 0.5
 
 
+def test_the_test_sets_standard_error_of_the_nll_is_the_spread_over_points_against_brute_force(tmp_path):
+    """test_nll_test_set_standard_error: the spread of log p(x_n) over the 100 test points / 10, with
+    the per-point Monte Carlo variance taken out, against per-point estimates with K = 2000; the
+    Monte Carlo standard error (finite K) is far smaller."""
+    from pyrovae.analysis.likelihood import importance_estimate
+
+    experiment = Experiment.from_config(tiny_experiment(train={"epochs": 3}, evaluate={"particles": 20, "test_examples": 100}))
+    final = experiment.train(tmp_path, progress=False)
+    torch.manual_seed(1)
+    again = importance_estimate(experiment.model, experiment.guide, experiment.data.rows("test", 0, 100), particles=2000)
+    assert final["test_nll_test_set_standard_error"] == pytest.approx(float(again.log_likelihood.std()) / 10, rel=0.05)
+    assert final["test_nll_standard_error"] < final["test_nll_test_set_standard_error"] / 5
+
+
 PRIOR_CLASSES = 10
 
 
