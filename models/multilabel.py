@@ -120,6 +120,7 @@ class OutputVAE(Model):
     """
 
     Config = OutputVAEConfig
+    conditions_on_label = False  # y is what it models (from the features' guide), not a condition
     observed_site = "y"
 
     def __init__(self, config: OutputVAEConfig, data: DataSpec):
@@ -233,6 +234,7 @@ class JointClassifierVAE(Model):
     """
 
     Config = JointClassifierVAEConfig
+    conditions_on_label = True  # through generate(y): forward decodes with its own y_hat in evaluation
 
     def __init__(self, config: JointClassifierVAEConfig, data: DataSpec):
         super().__init__(data)

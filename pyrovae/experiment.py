@@ -507,7 +507,7 @@ class Experiment:
         # its Monte Carlo variance too, which is taken out of the observed spread.
         mean_square, _ = distributed.mean_rows(context, estimate.log_likelihood.double() ** 2, hi - lo)
         spread = max(mean_square - mean_log_likelihood**2, 0.0) * test_examples / max(test_examples - 1, 1)
-        test_set_error = math.sqrt(max(spread - mean_variance, 0.0) / test_examples)
+        test_set_error = math.sqrt(max(spread - mean_variance, 0.0) / test_examples) if test_examples > 1 else None  # no spread of one point
         # Kish's effective sample size per example, averaged: the standard error is trustworthy when it is large.
         mean_ess, _ = distributed.mean_rows(context, estimate.effective_sample_size, hi - lo)
         # Perplexity is per token: sequences of frames (real-valued x) have lengths but no tokens.
@@ -601,7 +601,8 @@ class Experiment:
 
     def reads_label(self) -> bool:
         """Whether the model generates from a label y: its ``conditions_on_label`` where it says
-        (sentence models), else whether its ``forward`` names ``y`` (label_cvae, M2, a user's own)."""
+        (sentence models, ``joint_multilabel``; ``output_vae`` models y), else whether its ``forward``
+        names ``y`` (label_cvae, M2, a user's own)."""
         flag = getattr(self.model, "conditions_on_label", None)
         if flag is not None:
             return bool(flag)
@@ -612,7 +613,10 @@ class Experiment:
         one-line error for a model that reads no label, data without labels, or a label out of range."""
         spec, name = self.data.spec, type(self.model).__name__
         if not self.reads_label():
-            raise ConfigError(f"--label {label}: {name} does not generate from a label y (its forward takes no y)")
+            raise ConfigError(
+                f"--label {label}: {name} does not generate from a label y (its forward takes no y, or it sets "
+                "conditions_on_label = False); a model that reads batch['y'] through **batch sets conditions_on_label = True"
+            )
         if not spec.num_classes:
             raise ConfigError(f"--label {label}: data set {spec.name!r} has no labels")
         if label == "all":

@@ -359,6 +359,29 @@ def _keywords_of(cls) -> frozenset | None:
     return frozenset(p.name for p in parameters if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY))
 
 
+# Batch keys that change what x means: a forward that does not take them would score padding as data
+# (mask, lengths) or hidden labels as class 0 (y_mask, where it takes y).
+_KEYS_THAT_QUALIFY_X = ("mask", "lengths")
+
+
+def _keywords_taken(cls, accepted: frozenset, kwargs: dict, scheduled_inputs) -> dict:
+    """The keyword arguments a ``forward`` without ``**batch`` is called with: the batch keys it
+    names, as Pyro's examples write ``forward(self, x)``. A key it does not take but whose meaning it
+    would get wrong (a mask, the lengths, y_mask beside y) or a scheduled input it declares is a TypeError."""
+    qualifying = [key for key in _KEYS_THAT_QUALIFY_X if key in kwargs and key not in accepted]
+    if "y" in accepted and "y_mask" in kwargs and "y_mask" not in accepted:
+        qualifying.append("y_mask")
+    if qualifying:
+        raise TypeError(
+            f"{cls.__name__}.forward takes no {qualifying[0]!r}, which the batch has and which says how to read "
+            f"{'y' if qualifying[0] == 'y_mask' else 'x'}: take it as an argument (or take **batch)"
+        )
+    missing = sorted(set(scheduled_inputs).intersection(kwargs) - accepted)
+    if missing:
+        raise TypeError(f"{cls.__name__}.forward declares the scheduled input {missing[0]!r} but takes no such argument")
+    return {key: value for key, value in kwargs.items() if key in accepted}
+
+
 class _TorchOwnedParameters(PyroModule):
     """A PyroModule whose plain ``torch.nn`` children are returned as they are.
 
@@ -372,13 +395,7 @@ class _TorchOwnedParameters(PyroModule):
     def __call__(self, *args, **kwargs):
         accepted = _keywords_of(type(self))
         if accepted is not None and not accepted.issuperset(kwargs):
-            # forward(self, x) as Pyro's examples write it: the batch keys it does not name (labels,
-            # masks) are not passed; a scheduled input it declares but does not take is an error.
-            declared = set(getattr(self, "scheduled_inputs", None) or ())
-            missing = sorted(declared.intersection(kwargs) - accepted)
-            if missing:
-                raise TypeError(f"{type(self).__name__}.forward declares the scheduled input {missing[0]!r} but takes no such argument")
-            kwargs = {key: value for key, value in kwargs.items() if key in accepted}
+            kwargs = _keywords_taken(type(self), accepted, kwargs, getattr(self, "scheduled_inputs", None) or ())
         alias = self.__dict__.get(_DATA_PLATE_ALIAS)
         if alias is not None:
             with _RenamePlate(alias, DATA_PLATE):
@@ -750,6 +767,8 @@ def _observed_outside_support(trace, model_name: str) -> str | None:
         if site["type"] != "sample" or not site["is_observed"] or site["infer"].get(AUXILIARY_TERM):
             continue
         fn, value = site["fn"], site["value"]
+        if getattr(_innermost_distribution(fn), "_validate_args", True) is False:
+            continue  # validate_args=False (as Pyro's VAE tutorial writes for grey levels), or validation off
         try:
             inside = fn.support.check(value)
             mask = site.get("mask")
@@ -768,10 +787,15 @@ def _observed_outside_support(trace, model_name: str) -> str | None:
                 example = f"e.g. {float(values[where]):g} at index {list(where)}, {example}"
         except Exception:  # noqa: BLE001 - the range alone then
             pass
+        advice = (
+            "binarize the data ([data] binarize = 'dynamic' or 'static'), or observe them with a distribution whose support "
+            "holds them (or pass validate_args=False to score them as they are)"
+            if isinstance(base, torch.distributions.Bernoulli)
+            else "observe them with a distribution whose support holds them, or transform the data to its support"
+        )
         return (
             f"{model_name} observes site {name!r} with {type(base).__name__} (support "
-            f"{describe_support(fn.support)}), but the data lie outside it ({example}): binarize the data for a Bernoulli ([data] binarize = 'dynamic' or 'static'), "
-            "or observe them with a distribution whose support holds them"
+            f"{describe_support(fn.support)}), but the data lie outside it ({example}): {advice}"
         )
     return None
 

@@ -265,6 +265,16 @@ def test_the_joint_decoder_reads_y_hat_in_evaluation_and_the_true_y_only_when_as
         assert torch.allclose(x_log_density(model, guide, batch), x_log_density(model, guide, other))
     generated = model.generate(batch["y"])
     assert generated.shape == (16, FEATURES)
+    # Samples of requested labels (sample --label) go through generate(y): they differ with the label,
+    # on the same prior draws, where the forward pass would decode its own y_hat of a placeholder x.
+    from pyrovae.analysis.conditional import label_samples
+
+    one_hot = torch.eye(CLASSES)[[0, 5]]
+    torch.manual_seed(0)
+    first = label_samples(model, one_hot[:1].expand(4, -1), FEATURES)
+    torch.manual_seed(0)
+    second = label_samples(model, one_hot[1:].expand(4, -1), FEATURES)
+    assert first.shape == (4, FEATURES) and not torch.allclose(first, second)
     # The classification term is weighted by alpha.
     weighted, _ = joint_pair(classification_weight=2.0)
     plain, _ = joint_pair()
@@ -325,6 +335,9 @@ def test_pyrovae_train_on_generated_data_then_the_multilabel_evaluation(tmp_path
     record = json.loads(out.read_text())
     assert {"precision@1", "psp@5", "hamming_loss", "tail_recall"} <= set(record)
     assert 0 <= record["precision@5"] <= 1 and record["split"] == "test"
+    # The output VAE models y: it has no sample of a requested label to give.
+    assert main(["sample", str(run), "--label", "0"]) == 2
+    assert "OutputVAE does not generate from a label y" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not (YEAST / "yeast.csv.gz").exists(), reason=f"no Yeast at {YEAST}")

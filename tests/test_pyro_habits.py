@@ -169,6 +169,37 @@ def test_a_forward_without_batch_keywords_gets_the_keys_it_names_and_must_take_i
         Untempered(pyro_style.Sizes(), spec)(x, temperature=0.3)
 
 
+def test_a_forward_without_batch_keywords_must_take_the_keys_that_say_how_to_read_x_and_y():
+    spec = DataSpec("toy", (6,), "binary", num_classes=2)
+    x = torch.bernoulli(torch.full((4, 6), 0.5))
+
+    class Labelled(pyro_style.XOnlyVAE):
+        def forward(self, x, y):
+            return pyro_style.XOnlyVAE.forward(self, x)
+
+    model = Labelled(pyro_style.Sizes(), spec)
+    model(x, y=torch.zeros(4, dtype=torch.long))  # labels it names, nothing else
+    with pytest.raises(TypeError, match="Labelled.forward takes no 'y_mask', which the batch has and which says how to read y"):
+        model(x, y=torch.zeros(4, dtype=torch.long), y_mask=torch.ones(4, dtype=torch.bool))
+    with pytest.raises(TypeError, match="XOnlyVAE.forward takes no 'mask', which the batch has and which says how to read x"):
+        pyro_style.XOnlyVAE(pyro_style.Sizes(), spec)(x, mask=torch.ones(4, 6, dtype=torch.bool))
+
+
+def test_grey_levels_at_a_bernoulli_that_opts_out_of_validation_are_scored_as_written():
+    """Pyro's VAE tutorial observes grey levels with Bernoulli(..., validate_args=False): no refusal."""
+
+    class Tutorial(pyro_style.ImageVAE):
+        def forward(self, x, **batch):
+            with pyro.plate("images", x.shape[0]):
+                z = pyro.sample("latent", dist.Normal(x.new_zeros(self.z_dim), 1.0).to_event(1))
+                probs = torch.sigmoid(self.decoder(z))
+                pyro.sample("obs", dist.Bernoulli(probs, validate_args=False).to_event(1), obs=x)
+
+    spec = DataSpec("toy", (6,), "unit_interval")
+    model = Tutorial(pyro_style.Sizes(), spec)
+    check_pair(model, pyro_style.ImageEncoder(pyro_style.Sizes(), spec, model), {"x": torch.rand(8, 6)})
+
+
 def test_importing_pyrovae_changes_no_pyro_setting():
     script = textwrap.dedent(
         """

@@ -81,9 +81,14 @@ def completion_grid(
 def label_samples(model, labels: torch.Tensor, features: int, inputs: Mapping[str, float] | None = None) -> torch.Tensor:
     """(N, features): the mean of p(x | z, y_n) with z_n from the prior, for each requested label y_n
     (integer classes (N,), or multi-hot rows (N, C)). ``x`` is a placeholder: the prior path never reads it.
-    A model that takes ``y_mask`` (semi-supervised ones, such as M2) gets every label marked observed."""
+    A model that takes ``y_mask`` (semi-supervised ones, such as M2) gets every label marked observed.
+    A model with ``generate(y)`` (one whose forward does not decode with the y it is given, such as
+    ``joint_multilabel``) is asked through it."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     labels = labels.to(device)
+    if callable(getattr(model, "generate", None)):
+        with evaluation_mode(model), torch.no_grad():
+            return model.generate(labels)
     batch = {"x": torch.zeros(labels.shape[0], features, device=device), "y": labels, **dict(inputs or {})}
     if "y_mask" in inspect.signature(model.forward).parameters:
         batch["y_mask"] = torch.ones(labels.shape[0], dtype=torch.bool, device=device)
