@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     experiment = Experiment.from_run(args.run_dir, command="conditional_fashion_check")
     experiment.load_parameters(args.run_dir, args.checkpoint)
     model, spec = experiment.model, experiment.data.spec
+    if spec.image_shape is None or spec.label_format != "integer" or not spec.num_classes:
+        print(f"error: {args.run_dir} is not a run on images with integer labels (data set {spec.name!r})", file=sys.stderr)
+        return 2
     grey = grey_level_splits(experiment)
     classifier = label_classifier(grey.train["x"], grey.train["y"], seed=args.seed)
     report = generated_label_accuracy(

@@ -167,7 +167,7 @@ def main(argv=None) -> int:
         if epoch > 0 or last:
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / SNAPSHOT_FILE).write_text(json.dumps(record) + "\n")
-        posterior_mean_figure(record["snapshots"], figure, title, args.limit)
+            posterior_mean_figure(record["snapshots"], figure, title, args.limit)
     print(f"wrote {figure} and {args.out / SNAPSHOT_FILE}; train {train_seconds:.0f} s, wall {record['wall_seconds']:.0f} s, CPU {record['cpu_seconds']:.0f} s")
     return 0
 

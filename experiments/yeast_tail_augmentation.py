@@ -35,11 +35,10 @@ import torch
 from pyro import poutine
 
 from pyrovae.analysis.multilabel import multilabel_metrics, tail_labels
+from pyrovae.baselines.multilabel import one_vs_rest
 from pyrovae.experiment import Experiment
 from pyrovae.models.cvae import LabelConditionedVAE
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from yeast_baseline import one_vs_rest  # noqa: E402
 
 
 def generate(model: LabelConditionedVAE, labels: torch.Tensor, means: bool) -> torch.Tensor:

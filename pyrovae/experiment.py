@@ -705,8 +705,10 @@ class Experiment:
         from pyrovae.analysis.report import write_analysis  # imports ArviZ: only when analysing
 
         run_dir = Path(run_dir)
-        limit = self.evaluate_config.test_examples or None
-        test = {key: value[:limit] for key, value in self.data.test.items()}
+        size = self.data.size("test")
+        test = self.data.rows("test", 0, min(self.evaluate_config.test_examples or size, size))
+        # The analysis holds its points dense (posterior.nc keeps them); sparse rows (MovieLens) are made so.
+        test = {key: value.to_dense() if callable(getattr(value, "to_dense", None)) and not torch.is_tensor(value) else value for key, value in test.items()}
         metrics_path, final_path = run_dir / "metrics.jsonl", run_dir / FINAL_FILE
         history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()] if metrics_path.exists() else None
         final = json.loads(final_path.read_text()) if final_path.exists() else {}

@@ -132,3 +132,23 @@ def test_fit_trains_a_model_without_latents_with_elbo():
     # It starts at 64 log 2 = 44 nats; two epochs fit the pixel frequencies well below that.
     assert before == pytest.approx(64 * math.log(2), rel=1e-6)
     assert after < before - 10.0, (before, after)
+
+
+def test_the_analysis_of_a_pair_without_latents_is_strict_json(tmp_path):
+    """Constant importance weights have no finite k-hat: analysis.json says null, not -Infinity."""
+    import json
+
+    from pyrovae.analysis.report import write_analysis
+
+    splits = digits()
+    model = PixelFrequencies(splits.spec)
+    guide = NoLatentsGuide(NoLatentsConfig(), splits.spec, model)
+    rows = {key: value[:20] for key, value in splits.test.items()}
+    analysis = write_analysis(model, guide, rows, tmp_path, samples=30, image_shape=splits.spec.image_shape, progress=False)
+
+    def refuse(constant):
+        raise ValueError(f"analysis.json holds {constant}, which strict JSON has not")
+
+    numbers = json.loads((tmp_path / "analysis.json").read_text(), parse_constant=refuse)
+    assert numbers["pareto_k_median"] is None and numbers["pareto_k_max"] is None
+    assert "none finite (constant weights" in analysis.report.read_text()

@@ -183,11 +183,12 @@ def test_both_experiments_resolve_and_differ_only_in_the_strategy():
 
 
 def test_the_script_trains_with_resume_and_draws_every_stop(tmp_path):
-    out, figure = tmp_path / "run", tmp_path / "synthetic_posterior_mean.png"
+    out = tmp_path / "run"
+    figure = out / "posterior_means.png"  # the default, inside the run folder: drawn once training made it one
     sizes = [f"--set=data.{key}={value}" for key, value in SMALL.items()]
     collapse.main([
         str(ROOT / "experiments" / "synthetic_collapse_basic.toml"), "--out", str(out), "--epochs", "0", "1", "2",
-        "--points", "20", "--grid", "-6", "6", "61", "--figure", str(figure), "--snapshot-particles", "2",
+        "--points", "20", "--grid", "-6", "6", "61", "--snapshot-particles", "2",
         *sizes, "--set=evaluate.particles=5", "--set=evaluate.test_examples=20",
         "--set=model.embedding_dim=8", "--set=model.hidden=8", "--set=guide.embedding_dim=8", "--set=guide.hidden=8",
     ])

@@ -47,7 +47,8 @@ def observation_means(model: Model, guide, batch, from_prior: bool) -> torch.Ten
         else:
             guide_trace = poutine.trace(guide).get_trace(**batch)
             trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(**batch)
-    return trace.nodes[getattr(model, "observed_site", "x")]["fn"].mean
+        # Inside no_grad: a distribution's lazily computed mean (probs from logits) would track gradients.
+        return trace.nodes[getattr(model, "observed_site", "x")]["fn"].mean.detach()
 
 
 @contextlib.contextmanager

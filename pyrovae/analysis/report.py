@@ -170,8 +170,9 @@ def write_analysis(
         "psis_log_likelihood": psis.attrs["psis_log_likelihood_mean"],
         "share_pareto_k_above_0.7": float(np.mean(k > PARETO_K_BAD)),
         "share_pareto_k_below_0.5": float(np.mean(k < PARETO_K_GOOD)),
-        "pareto_k_median": float(np.median(k)) if k.size else math.nan,
-        "pareto_k_max": float(finite.max()) if finite.size else -math.inf,
+        # None where no point has a finite k-hat: a pair without latents has constant weights.
+        "pareto_k_median": float(np.median(k)) if finite.size else None,
+        "pareto_k_max": float(finite.max()) if finite.size else None,
         "importance_ess_median": float(np.median(ess)),
         "importance_ess_min": float(ess.min()),
         "importance_ess_share_below_10": float(np.mean(ess < 10)),
@@ -282,7 +283,12 @@ def _report_text(numbers, metrics, kl, activity, moments, summary, idata, psis, 
         ("test log p(x), PSIS (nats)", numbers["psis_log_likelihood"]),
         ("share of test points with Pareto k-hat > 0.7", f"{numbers['share_pareto_k_above_0.7']:.1%}"),
         ("share with k-hat < 0.5", f"{numbers['share_pareto_k_below_0.5']:.1%}"),
-        ("k-hat: median / max", f"{numbers['pareto_k_median']:.3g} / {numbers['pareto_k_max']:.3g}"),
+        (
+            "k-hat: median / max",
+            f"{numbers['pareto_k_median']:.3g} / {numbers['pareto_k_max']:.3g}"
+            if numbers["pareto_k_max"] is not None
+            else "none finite (constant weights: no latent to sample)",
+        ),
         (
             f"Kish ESS of the weights: median / min (of {numbers['samples']})",
             f"{numbers['importance_ess_median']:.1f} / {numbers['importance_ess_min']:.1f}",
