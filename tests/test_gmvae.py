@@ -216,3 +216,18 @@ def test_the_experiment_file_resolves():
     config = resolve_config(load_experiment(EXPERIMENTS / "gmvae_mnist.toml"))
     assert config["model"]["name"] == "gmvae" and config["objective"]["name"] == "enum_elbo"
     assert Path(config["data"]["dir"]).is_absolute()
+
+
+def test_the_analysis_kl_of_z_under_a_summed_out_mixture_prior_is_the_marginal_kl():
+    """With y summed out in the model (guide q(z | x)), the prior of z is sum_y pi_y N(z | mu_y, sigma_y):
+    analyze's KL of z is E_q[log q(z | x) - log p(z)], the objective's kl/z, as one number (per
+    dimension, log q(z_d | x) - log p(z_d | y) at a drawn y is no KL and went negative)."""
+    from pyrovae.analysis.latents import kl_per_dimension
+
+    model, guide = tiny_gmvae(marginal=True)
+    batch = binary_batch()
+    kl = kl_per_dimension(model, guide, batch, num_samples=4000, seed=0)["z"]
+    torch.manual_seed(1)
+    _, metrics = EnumELBO(particles=4000)(model, guide, batch)
+    assert kl.dims == () and kl.attrs["total"] > 0
+    assert kl.attrs["total"] == pytest.approx(float(metrics["kl/z"]), abs=0.03)

@@ -223,6 +223,9 @@ class _DrawReader:
             if site["infer"].get("_deterministic"):
                 continue
             out[f"ll:{name}"] = pick(per_datapoint(site, reported_log_prob(site), n, True), 0).cpu()
+        # Sites the model sums out itself (a mixture prior's component y, no guide site): a latent whose
+        # prior depends on them has the marginal p(z) = sum_y p(y) p(z | y) as its prior.
+        summed_in_model = [n for n, site in latent_sites(model_trace) if is_enumerated(site) and guide_trace.nodes.get(n) is None]
         for name, model_site in latent_sites(model_trace):
             guide_site = guide_trace.nodes.get(name)
             drawn = guide_site if guide_site is not None else model_site
@@ -236,7 +239,15 @@ class _DrawReader:
             out[f"value:{name}"] = value.cpu()
             self.dims[name] = names
             if guide_site is not None and not is_enumerated(guide_site):
-                out[f"kl:{name}"] = self._kl(name, model_site, guide_site, latent_terms[name], pick).sum(0).cpu()
+                term = latent_terms[name]
+                if summed_in_model and term.dim() > 2 and any(size > 1 for size in term.shape[:-2]):
+                    # log q(z | x) - log sum_y p(y) p(z | y): one number per draw. Per dimension,
+                    # log q(z_d | x) - log p(z_d | y) at a drawn y is no KL (it can be negative).
+                    joint = (term + sum(latent_terms[e] for e in summed_in_model)).expand(total.shape)
+                    self.kl_dims[name] = ()
+                    out[f"kl:{name}"] = (-sum_out_enumeration(joint, True)).sum(0).cpu()
+                else:
+                    out[f"kl:{name}"] = self._kl(name, model_site, guide_site, term, pick).sum(0).cpu()
         return out
 
     def _value(self, site) -> tuple[torch.Tensor, tuple[str, ...]]:
