@@ -344,6 +344,12 @@ def _sweep_locked(sweep, points, configs, jobs, threads, progress, say, poll_sec
                 f"sweep point {point.name}: {point.folder} holds a run of another experiment (it differs in "
                 f"{', '.join(changed)}), which this sweep cannot continue; sweep into a new --out"
             )
+        trained, planned = _epochs_done(point.folder), int(configs[point]["train"]["epochs"])
+        if trained > planned:
+            raise ConfigError(
+                f"sweep point {point.name}: {point.folder} has trained {trained} epochs, more than train.epochs = {planned}; "
+                "a sweep may raise train.epochs, not lower it (or sweep into a new --out)"
+            )
     write_text_atomically(sweep.out / PLAN_FILE, json.dumps(sweep.plan(), indent=2) + "\n")
     todo = {point: status(point, configs[point]) for point in points}
     skipped = [point for point in points if todo[point] == "finished"]

@@ -138,3 +138,6 @@ def test_a_sweep_killed_and_run_again_skips_finished_points_and_resumes_the_othe
     assert (out / "summary.md").read_text() == before and (first / "final.json").stat().st_mtime_ns == finished_at
     assert main([*other, "--summary-only"]) == 0
     assert "| base | 0/2 |" in (out / "summary.md").read_text()
+    capsys.readouterr()
+    assert main(["sweep", str(experiment), "--out", str(out), "--seeds", "0-1", "--set", "train.epochs=5"]) == 2
+    assert "has trained 12 epochs, more than train.epochs = 5; a sweep may raise train.epochs, not lower it" in capsys.readouterr().err
