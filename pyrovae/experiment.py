@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from pyrovae.analysis import sample_grid, sample_rows, training_curves
+from pyrovae.analysis.plots import rounded
 from pyrovae.analysis.likelihood import importance_estimate
 from pyrovae.config import (
     PART_REGISTRIES,
@@ -661,7 +662,7 @@ class Experiment:
         content = {
             "about": {"data": spec.name, "step": self.step, "label_format": spec.label_format},
             "values": "means of p(x | z, y), z drawn from the prior",
-            "samples": {str(c): [[float(f"{v:.5g}") for v in row] for row in rows.double().tolist()] for c, rows in zip(classes, means.cpu())},
+            "samples": {str(c): rounded(rows.double().tolist()) for c, rows in zip(classes, means.cpu())},
         }
         write_text_atomically(path, json.dumps(content, indent=1) + "\n")
         return path

@@ -508,8 +508,7 @@ def summarize(sweep: Sweep) -> list[GroupSummary]:
         seed = point.folder.name
         group.seeds.append(seed)
         values = _run_values(point.folder)
-        saved = _folder_config(point.folder)
-        if values is not None and saved is not None and differences(saved, resolved(point), RESUMABLE_SETTINGS):
+        if values is not None and foreign_settings(point, resolved(point)):
             values = None  # a run of another experiment (an earlier --set) is not this point's result
         if values is None:
             group.missing.append(seed)

@@ -176,15 +176,16 @@ def _rows(values: torch.Tensor, discrete: bool, lengths) -> list:
     values = values.round().long() if discrete else values.double()
     rows = values.tolist()
     if not discrete:
-        rows = _rounded(rows)
+        rows = rounded(rows)
     if lengths is not None:
         rows = [row[: int(length)] for row, length in zip(rows, lengths.tolist())]
     return rows
 
 
-def _rounded(value):
+def rounded(value):
+    """Nested lists of floats to 5 significant digits (the JSON sample files)."""
     if isinstance(value, list):
-        return [_rounded(v) for v in value]
+        return [rounded(v) for v in value]
     return float(f"{value:.5g}")
 
 
